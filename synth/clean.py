@@ -1,0 +1,175 @@
+"""The clean stage: raw clickstream files -> typed, deduplicated, sessionized, pseudonymized `events`.
+
+Every raw row ends in exactly one place: `events`, `quarantine` (with a reason code and the raw
+text), or the duplicate count. The stage checks raw = clean + quarantined + duplicates before it
+commits `events`, and fails after committing `quarantine` when too large a share was rejected.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from synth.simulate import simulate
+from synth.sources import Layout, layout_for, read_raw
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = ("view", "cart", "purchase", "search")
+_CANONICAL = ("event_time", "event_type", "user_id", "session_id", "item_id", "category", "category_path",
+              "brand", "price")
+
+
+class QuarantineThresholdExceeded(RuntimeError):
+    pass
+
+
+def pseudonym_key(cfg) -> bytes:
+    """The secret of the user pseudonyms: from the environment, else a key file (created for local runs)."""
+    value = os.environ.get(cfg.clean.pseudonym_key_env)
+    if value:
+        return value.encode()
+    path = Path(cfg.clean.pseudonym_key_file)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+        log.warning("no %s set: created a random pseudonymization key in %s; keep it to get the same "
+                    "pseudonyms tomorrow", cfg.clean.pseudonym_key_env, path)
+    return path.read_text().strip().encode()
+
+
+def hmac_sha256(key: bytes, message: Column) -> Column:
+    """HMAC-SHA256 of a string column as hex, in Spark SQL (RFC 2104), so no Python UDF is needed."""
+    block = 64
+    key = hashlib.sha256(key).digest() if len(key) > block else key.ljust(block, b"\0")
+    inner_pad = bytes(b ^ 0x36 for b in key).hex()
+    outer_pad = bytes(b ^ 0x5C for b in key).hex()
+    inner = F.unhex(F.sha2(F.concat(F.unhex(F.lit(inner_pad)), F.encode(message, "UTF-8")), 256))
+    return F.sha2(F.concat(F.unhex(F.lit(outer_pad)), inner), 256)
+
+
+def _typed(rows: DataFrame, layout: Layout, cfg) -> DataFrame:
+    """Type the raw rows and name the first rule each one breaks (reason null = valid)."""
+    event_types = F.create_map(*[F.lit(x) for pair in layout.event_types.items() for x in pair])
+    ts = F.try_to_timestamp(F.col("event_time"), F.lit(layout.time_format))
+    event_type = event_types[F.lower(F.col("event_type"))]
+    price = F.col("price").try_cast("double")
+    needs_item = event_type != F.lit("search")
+    reason_detail = [
+        (F.col("malformed").isNotNull(), "malformed_line", F.col("malformed")),
+        (F.col("event_time").isNull(), "missing_time", F.lit("no event time")),
+        (F.col("ts").isNull(), "bad_timestamp", F.concat(F.lit("unparseable time '"), F.col("event_time"), F.lit("'"))),
+        ((F.col("ts") < F.lit(str(cfg.clean.time_floor)).cast("timestamp"))
+         | (F.col("ts") > F.current_timestamp() + F.expr("INTERVAL 1 DAY")),
+         "impossible_timestamp", F.concat(F.lit("time "), F.col("event_time"), F.lit(" is before the floor or in the future"))),
+        (F.col("type").isNull(), "unknown_event_type",
+         F.concat(F.lit("event type '"), F.coalesce(F.col("event_type"), F.lit("")), F.lit("'"))),
+        (F.col("user_id").isNull(), "missing_user", F.lit("no user id")),
+        (F.col("needs_item") & F.col("item_id").isNull(), "missing_item", F.lit("no item id")),
+        (F.col("needs_item") & F.col("price_value").isNull(), "bad_price",
+         F.concat(F.lit("unparseable price '"), F.coalesce(F.col("price"), F.lit("")), F.lit("'"))),
+        (F.col("needs_item") & ((F.col("price_value") <= 0) | (F.col("price_value") > cfg.clean.max_price)),
+         "bad_price", F.concat(F.lit("price "), F.col("price"), F.lit(f" is not in (0, {cfg.clean.max_price}]"))),
+    ]
+    reason = F.lit(None).cast("string")
+    detail = F.lit(None).cast("string")
+    for condition, code, text in reversed(reason_detail):
+        reason = F.when(condition, F.lit(code)).otherwise(reason)
+        detail = F.when(condition, text).otherwise(detail)
+    return (rows.withColumn("ts", ts).withColumn("type", event_type)
+            .withColumn("needs_item", F.coalesce(needs_item, F.lit(True)))
+            .withColumn("price_value", price)
+            .withColumn("reason", reason).withColumn("detail", detail))
+
+
+def _sessionize(events: DataFrame, cfg, key: bytes) -> DataFrame:
+    """Session ids: the source's session where present, else inactivity-gap splits; long sessions capped."""
+    order = [F.col(c) for c in ("event_time", "event_type", "item_id", "price", "brand", "category")]
+    by_source_session = Window.partitionBy("user_id", "session_id").orderBy(*order)
+    gap = F.col("event_time").cast("long") - F.lag(F.col("event_time").cast("long")).over(by_source_session)
+    starts = F.when(F.col("session_id").isNull() & (gap > cfg.clean.session_gap_minutes * 60), 1).otherwise(0)
+    events = events.withColumn("_segment", F.sum(starts).over(
+        by_source_session.rowsBetween(Window.unboundedPreceding, Window.currentRow)))
+    by_segment = Window.partitionBy("user_id", "session_id", "_segment").orderBy(*order)
+    events = events.withColumn(
+        "_part", F.floor((F.row_number().over(by_segment) - 1) / cfg.clean.max_session_events))
+    session_key = F.concat_ws("|", F.col("user_id"), F.coalesce(F.col("session_id"), F.lit("")),
+                              F.col("_segment"), F.col("_part"))
+    pseudonym = hmac_sha256(key, F.concat(F.lit("user|"), F.col("user_id")))
+    events = (events
+              .withColumn("session_id", F.concat(F.lit("s_"), F.substring(hmac_sha256(key, session_key), 1, 32)))
+              .withColumn("user_id", F.concat(F.lit("u_"), F.substring(pseudonym, 1, 32)))
+              .drop("_segment", "_part"))
+    canonical = F.concat_ws("\x1f", *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in _CANONICAL])
+    return (events.withColumn("event_id", F.substring(F.sha2(canonical, 256), 1, 32))
+            .withColumn("event_date", F.to_date("event_time")))
+
+
+def run(ctx) -> dict[str, int]:
+    cfg, spark = ctx.cfg, ctx.spark
+    layout = layout_for(cfg.input.source)
+    raw_path = Path(cfg.input.path)
+    if cfg.input.source == "simulator" and not any(raw_path.rglob("*.csv*")):
+        simulate(spark, cfg, str(raw_path))
+    if not raw_path.exists():
+        raise FileNotFoundError(f"input.path {raw_path} does not exist")
+    key = pseudonym_key(cfg)
+
+    rows, skipped = read_raw(spark, str(raw_path), layout)
+    typed = _typed(rows, layout, cfg).persist()
+    raw_count = typed.count()
+    if raw_count == 0:
+        raise ValueError(f"no raw rows under {raw_path} (only headers or blank lines?)")
+
+    valid = typed.where(F.col("reason").isNull()).select(
+        F.col("ts").alias("event_time"), F.col("type").alias("event_type"), "user_id", "session_id",
+        F.when(F.col("needs_item"), F.col("item_id")).alias("item_id"), "category", "category_path",
+        F.lower(F.col("brand")).alias("brand"),
+        F.when(F.col("needs_item"), F.col("price_value")).alias("price"), "source_file", "raw_line")
+    # Exact duplicates: the same canonical fields; keep the copy from the first file, count the rest.
+    deduplicated = (valid.groupBy(*_CANONICAL)
+                    .agg(F.min(F.struct("source_file", "raw_line")).alias("_first"), F.count("*").alias("_copies"))
+                    .select(*_CANONICAL, "_first.source_file", "_first.raw_line", "_copies")).persist()
+    duplicates = deduplicated.agg(F.sum(F.col("_copies") - 1)).first()[0] or 0
+
+    limit = cfg.clean.bot_max_events_per_hour
+    bots = (deduplicated.groupBy("user_id", F.date_trunc("hour", "event_time").alias("hour")).count()
+            .where(F.col("count") > limit).groupBy("user_id").agg(F.max("count").alias("peak")))
+    flagged = deduplicated.join(F.broadcast(bots), "user_id", "left")
+    bot_rows = flagged.where(F.col("peak").isNotNull()).select(
+        F.lit("bot_user").alias("reason"),
+        F.format_string(f"user made %d events in one hour (limit {limit})", F.col("peak")).alias("detail"),
+        "source_file", "raw_line")
+    quarantine = (typed.where(F.col("reason").isNotNull()).select("reason", "detail", "source_file", "raw_line")
+                  .unionByName(bot_rows).withColumn("run_id", F.lit(ctx.run_id)))
+    by_reason = {r.reason: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+    quarantined = ctx.write(quarantine, "quarantine", replace={"run_id": ctx.run_id}).rows
+
+    share = quarantined / raw_count
+    log.info("clean: %d raw rows, %d quarantined (%.2f%%) by reason %s, %d duplicates",
+             raw_count, quarantined, 100 * share, by_reason, duplicates)
+    if share > cfg.clean.max_quarantine_share:
+        raise QuarantineThresholdExceeded(
+            f"{quarantined} of {raw_count} raw rows ({100 * share:.1f}%) were quarantined, above "
+            f"clean.max_quarantine_share = {cfg.clean.max_quarantine_share}; events were not written. "
+            f"Inspect: SELECT reason, count(*) FROM delta.`{ctx.lake.uri('quarantine')}` "
+            f"WHERE run_id = '{ctx.run_id}' GROUP BY reason")
+
+    clean = _sessionize(flagged.where(F.col("peak").isNull()).drop("peak", "_copies", "raw_line"), cfg, key)
+    clean_count = ctx.write(clean, "events").rows
+    typed.unpersist()
+    deduplicated.unpersist()
+
+    if raw_count != clean_count + quarantined + duplicates:
+        raise RuntimeError(f"row accounting does not add up: raw {raw_count} != clean {clean_count} + "
+                           f"quarantined {quarantined} + duplicates {duplicates}")
+    skipped_counts = {f"skipped_{r.kind}_lines": r["count"] for r in skipped.groupBy("kind").count().collect()}
+    print(f"clean: raw {raw_count} = clean {clean_count} + quarantined {quarantined} + duplicates {duplicates}")
+    return {"raw": raw_count, "clean": clean_count, "quarantined": quarantined, "duplicates": duplicates,
+            **{f"quarantined.{k}": v for k, v in by_reason.items()}, **skipped_counts}

@@ -1,0 +1,49 @@
+"""Building the SparkSession every stage runs on."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+from synth.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def build_session(cfg: Config) -> SparkSession:
+    """Return the active SparkSession (spark-submit) or start one for `cfg.spark.master`.
+
+    Under spark-submit the session, master and resources come from the submit command; the
+    pipeline only adds the settings its stages rely on (UTC time, shuffle width, Arrow).
+    """
+    # Python workers would otherwise start `python3` from PATH, which lacks the virtualenv's packages.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = (
+        SparkSession.builder.appName(cfg.spark.app_name)
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.ui.showConsoleProgress", "true")
+    )
+    # spark-submit starts Python with a gateway to its JVM; its --master and resources then win.
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:
+        builder = builder.master(cfg.spark.master).config("spark.driver.memory", cfg.spark.driver_memory)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    for key, value in (("spark.sql.session.timeZone", "UTC"),
+                       ("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))):
+        spark.conf.set(key, value)
+    log.info("Spark %s, master %s, default parallelism %d",
+             spark.version, spark.sparkContext.master, spark.sparkContext.defaultParallelism)
+    return spark
+
+
+def has_delta_jars(spark: SparkSession) -> bool:
+    """True when the Delta Lake JVM classes are on the driver's classpath."""
+    try:
+        spark.sparkContext._jvm.java.lang.Class.forName("io.delta.tables.DeltaTable")
+        return True
+    except Exception:
+        return False
