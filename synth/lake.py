@@ -104,7 +104,8 @@ class Lake:
         dt = self._delta(table, version)
         if dt is None:
             raise FileNotFoundError(f"table {table} does not exist at {self.uri(table)}")
-        return [u if "://" in u else Path(u).as_uri() for u in dt.file_uris()]
+        # Not Path.as_uri(): it would percent-encode the '=' of partition folders.
+        return [u if "://" in u else f"file://{u}" for u in dt.file_uris()]
 
     def read(self, table: str, version: int | None = None) -> Snapshot:
         """Read `table` pinned at `version` (default: the latest, resolved now and recorded)."""

@@ -1,0 +1,144 @@
+"""The featurize stage: `events` -> `item_catalog`, `sessions`, `user_profiles` and `session_tokens`.
+
+`item_catalog` is also the vocabulary: an item or category keeps its integer id from one nightly
+run to the next, and newcomers are appended after the largest id, so checkpoints trained on an
+older vocabulary still point at the same items. `session_tokens` is the encoding the session model
+trains on: fixed-length windows of BOS, event tokens, EOS and padding.
+"""
+from __future__ import annotations
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+PAD, BOS, EOS = 0, 1, 2
+EVENT_TOKENS = {"view": 3, "cart": 4, "purchase": 5, "search": 6}
+TOKEN_EVENTS = {token: name for name, token in EVENT_TOKENS.items()}
+
+
+def _append_ids(current: DataFrame, known: DataFrame, key: str, id_column: str) -> DataFrame:
+    """Give every `key` of `current` an id: its known id, or the next free ones in key order."""
+    start = known.agg(F.coalesce(F.max(id_column), F.lit(0))).first()[0]
+    new = (current.select(key).distinct().join(known, key, "left_anti")
+           .withColumn(id_column, (F.lit(start) + F.row_number().over(Window.orderBy(key))).cast("int")))
+    return known.unionByName(new)
+
+
+def build_item_catalog(events: DataFrame, previous: DataFrame | None) -> DataFrame:
+    items = (events.where(F.col("item_id").isNotNull()).groupBy("item_id").agg(
+        F.mode("category", deterministic=True).alias("category"),
+        F.mode("brand", deterministic=True).alias("brand"),
+        F.percentile_approx("price", 0.5).alias("price"),
+        F.count("*").alias("popularity")))
+    if previous is None:
+        previous = events.sparkSession.createDataFrame(
+            [], "item_idx int, item_id string, category string, category_idx int, brand string, "
+                "price double, popularity long")
+    # Items gone from today's events stay in the vocabulary, with no popularity today.
+    retired = previous.join(items.select("item_id"), "item_id", "left_anti").withColumn("popularity", F.lit(0).cast("long"))
+    items = items.unionByName(retired.select(*items.columns))
+    item_ids = _append_ids(items, previous.select("item_id", "item_idx"), "item_id", "item_idx")
+    category_ids = _append_ids(items.where(F.col("category").isNotNull()),
+                               previous.where(F.col("category").isNotNull()).select("category", "category_idx").distinct(),
+                               "category", "category_idx")
+    return (items.join(item_ids, "item_id").join(category_ids, "category", "left")
+            .withColumn("category_idx", F.coalesce("category_idx", F.lit(0)).cast("int")))
+
+
+def build_sessions(events: DataFrame, catalog: DataFrame, holdout_percent: int) -> DataFrame:
+    in_session = Window.partitionBy("session_id").orderBy("event_time", "event_id")
+    gap = F.col("event_time").cast("double") - F.lag(F.col("event_time").cast("double")).over(in_session)
+    steps = (events.join(catalog.select("item_id", "item_idx"), "item_id", "left")
+             .withColumn("gap", F.coalesce(gap, F.lit(0.0))))
+    ordered = steps.groupBy("session_id", "user_id").agg(F.sort_array(F.collect_list(F.struct(
+        "event_time", "event_id", "event_type", "item_id",
+        F.coalesce("item_idx", F.lit(0)).alias("item_idx"), "category", "price", "gap"))).alias("e"))
+    holdout = F.pmod(F.xxhash64("session_id"), F.lit(100)) < holdout_percent
+    return ordered.select(
+        "session_id", "user_id", F.col("e")[0]["event_time"].alias("start_time"),
+        F.size("e").alias("n_events"), F.col("e.event_type").alias("event_types"),
+        F.col("e.item_id").alias("item_ids"), F.col("e.item_idx").alias("item_idx"),
+        F.col("e.category").alias("categories"), F.col("e.price").alias("prices"),
+        F.col("e.gap").alias("gap_seconds"),
+        F.when(holdout, "holdout").otherwise("train").alias("split"))
+
+
+def build_user_profiles(events: DataFrame) -> DataFrame:
+    def count_of(event_type: str) -> Column:
+        return F.count(F.when(F.col("event_type") == event_type, 1))
+
+    last_event = events.agg(F.max("event_time")).first()[0]
+    categories = (events.where(F.col("category").isNotNull()).groupBy("user_id", "category").count()
+                  .withColumn("rank", F.row_number().over(
+                      Window.partitionBy("user_id").orderBy(F.desc("count"), "category")))
+                  .where("rank = 1").select("user_id", F.col("category").alias("top_category")))
+    return (events.groupBy("user_id").agg(
+        F.countDistinct("session_id").alias("n_sessions"), F.count("*").alias("n_events"),
+        count_of("view").alias("n_views"), count_of("cart").alias("n_carts"),
+        count_of("purchase").alias("n_purchases"), count_of("search").alias("n_searches"),
+        F.coalesce(F.sum(F.when(F.col("event_type") == "purchase", F.col("price"))), F.lit(0.0)).alias("monetary"),
+        F.min("event_time").alias("first_seen"), F.max("event_time").alias("last_seen"))
+        .withColumn("recency_days",
+                    (F.lit(last_event).cast("double") - F.col("last_seen").cast("double")) / 86400.0)
+        .join(categories, "user_id", "left"))
+
+
+def gap_bucket(gap: Column, edges: list[float]) -> Column:
+    """Index of the bucket of a time gap: 0 for gaps <= edges[0], len(edges) beyond the last edge."""
+    return F.size(F.filter(F.array(*[F.lit(float(e)) for e in edges]), lambda edge: edge < gap))
+
+
+def build_session_tokens(sessions: DataFrame, catalog: DataFrame, window: int, edges: list[float]) -> DataFrame:
+    """Windows of window + 2 tokens: [BOS] + events + [EOS], cut with half-window overlap, padded."""
+    length = window + 2
+    category_idx = catalog.select("category", "category_idx").distinct()
+    token_map = F.create_map(*[F.lit(x) for pair in EVENT_TOKENS.items() for x in pair])
+    events = sessions.select(
+        "session_id", "split",
+        F.transform("event_types", lambda t: token_map[t]).alias("event_type"),
+        "item_idx",
+        F.transform("gap_seconds", lambda g: gap_bucket(g, edges)).alias("gap_bucket"),
+        "categories")
+    # Category ids come from the catalogue vocabulary: explode-free lookup through a broadcast map.
+    vocab = category_idx.agg(F.map_from_entries(F.collect_list(F.struct("category", "category_idx"))).alias("v"))
+    events = events.crossJoin(F.broadcast(vocab)).withColumn(
+        "category_idx", F.transform("categories", lambda c: F.coalesce(F.col("v")[c], F.lit(0)))).drop("v", "categories")
+
+    def framed(column: str, bos: int, eos: int) -> Column:
+        return F.concat(F.array(F.lit(bos)), F.col(column).cast("array<int>"), F.array(F.lit(eos)))
+
+    tokens = events.select(
+        "session_id", "split", framed("event_type", BOS, EOS).alias("event_type"),
+        framed("item_idx", PAD, PAD).alias("item_idx"), framed("category_idx", PAD, PAD).alias("category_idx"),
+        framed("gap_bucket", PAD, PAD).alias("gap_bucket"))
+    total = F.size("event_type")
+    last_start = F.greatest(total - length, F.lit(0))
+    starts = F.array_union(F.sequence(F.lit(0), last_start, F.lit(max(1, window // 2))), F.array(last_start))
+    windows = tokens.withColumn("window_start", F.explode(starts))
+
+    def cut(column: str) -> Column:
+        piece = F.slice(F.col(column), F.col("window_start") + 1, length)
+        return F.concat(piece, F.array_repeat(F.lit(PAD), length - F.size(piece))).alias(column)
+
+    return windows.select(
+        "session_id", F.col("window_start").cast("int"),
+        F.least(total - F.col("window_start"), F.lit(length)).cast("int").alias("length"),
+        cut("event_type"), cut("item_idx"), cut("category_idx"), cut("gap_bucket"), "split")
+
+
+def run(ctx) -> dict[str, int]:
+    cfg = ctx.cfg.featurize
+    events = ctx.read("events").df
+    previous = ctx.read("item_catalog").df if ctx.lake.exists("item_catalog") else None
+    catalog_commit = ctx.write(build_item_catalog(events, previous), "item_catalog")
+    catalog = ctx.lake.read("item_catalog", catalog_commit.version).df
+
+    sessions = build_sessions(events, catalog, cfg.holdout_percent)
+    sessions_commit = ctx.write(sessions, "sessions")
+    sessions = ctx.lake.read("sessions", sessions_commit.version).df
+    profiles_commit = ctx.write(build_user_profiles(events), "user_profiles")
+    # Several files per split so Petastorm can shard them across training processes.
+    tokens = build_session_tokens(sessions, catalog, cfg.window, cfg.gap_bucket_edges)
+    tokens_commit = ctx.write(tokens.repartition(max(4, ctx.cfg.train.num_processes), "session_id"),
+                              "session_tokens")
+    return {"items": catalog_commit.rows, "sessions": sessions_commit.rows,
+            "users": profiles_commit.rows, "token_windows": tokens_commit.rows}
