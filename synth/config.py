@@ -115,11 +115,13 @@ def build_parser(prog: str, description: str, stage_choices: tuple[str, ...] = (
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
+        usage=f"%(prog)s {'[STAGE ...] ' if stage_choices else ''}[--config FILE] [--run-id ID] [--force] "
+              "[--<section>.<key> VALUE ...]",
         epilog="Options are read from the defaults (synth/pipeline.yaml), then --config, then the command line.",
     )
     if stage_choices:
-        parser.add_argument("stages", nargs="*", choices=stage_choices + ("all",), default=["all"],
-                            metavar="STAGE", help=f"stages to run, in pipeline order: {', '.join(stage_choices)} or all")
+        parser.add_argument("stages", nargs="*", metavar="STAGE",
+                            help=f"stages to run, in pipeline order: {', '.join(stage_choices)} or all (default)")
     parser.add_argument("--config", help="YAML file overriding any of the defaults")
     parser.add_argument("--run-id", dest="run.id", help="shorthand for --run.id")
     parser.add_argument("--master", dest="spark.master", help="shorthand for --spark.master")

@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None, stages: tuple[str, ...] | None = None, p
         cfg = config.from_args(args)
     except config.ConfigError as exc:
         parser.error(str(exc))
-    chosen = stages or (STAGES if "all" in args.stages else tuple(s for s in STAGES if s in args.stages))
+    requested = set(getattr(args, "stages", None) or ["all"])
+    unknown = requested - set(STAGES) - {"all"}
+    if unknown:
+        parser.error(f"unknown stage(s) {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)} or all")
+    chosen = stages or (STAGES if "all" in requested else tuple(s for s in STAGES if s in requested))
     setup_logging()
     from synth.spark import build_session
 

@@ -1,0 +1,118 @@
+"""The generate stage: fan sampling out over Spark, one seeded shard per task, one Delta commit per run.
+
+The checkpoint travels to the executors as a broadcast (so a cluster needs no shared filesystem)
+and each task loads it once. A shard's seed is derived from (run.seed, run id, shard), so the same
+run always samples the same sessions whatever the cluster's size or scheduling.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from pyspark.sql import functions as F
+
+from synth.featurize import TOKEN_EVENTS
+
+log = logging.getLogger(__name__)
+
+_SAMPLE_DDL = ("session_id string, shard int, position int, event_time timestamp, event_type string, "
+               "item_idx int")
+
+
+def shard_seed(seed: int, run_id: str, shard: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{run_id}:{shard}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def gap_seconds(buckets: np.ndarray, edges: list[float], rng: np.random.Generator) -> np.ndarray:
+    """Draw a time gap inside each gap bucket (the inverse of featurize.gap_bucket)."""
+    edges = np.asarray(edges, dtype=float)
+    lower = np.concatenate([[0.0], edges])[np.clip(buckets - 1, 0, len(edges))]
+    upper = np.concatenate([edges, [edges[-1] * 4]])[np.clip(buckets, 0, len(edges))]
+    gaps = rng.uniform(lower, upper)
+    return np.where(buckets == 0, 0.0, gaps)
+
+
+def shard_sizes(total: int, shards: int) -> list[int]:
+    return [total // shards + (1 if shard < total % shards else 0) for shard in range(shards)]
+
+
+def _sampler(checkpoint_files, cfg, base_time: float):
+    run_id, gen = cfg.run.id, cfg.generate
+    sizes = shard_sizes(gen.sessions, gen.shards)
+    edges = list(cfg.featurize.gap_bucket_edges)
+
+    def sample(batches):
+        import tempfile
+
+        import pyarrow as pa
+        import torch
+
+        from synth.model import load_checkpoint
+
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as folder:
+            for name, data in checkpoint_files.value.items():
+                Path(folder, name).write_bytes(data)
+            model, _ = load_checkpoint(folder)
+        model.eval()
+        names = np.array([""] * 3 + [TOKEN_EVENTS[t] for t in sorted(TOKEN_EVENTS)], dtype=object)
+        for batch in batches:
+            for shard in batch.column("id").to_pylist():
+                seed = shard_seed(cfg.run.seed, run_id, shard)
+                with torch.no_grad():
+                    out = model.sample(sizes[shard], torch.Generator().manual_seed(seed),
+                                       temperature=gen.temperature, top_k=gen.top_k, max_events=gen.max_events)
+                rng = np.random.default_rng(seed)
+                session = np.asarray(out["session"])
+                starts = base_time + rng.uniform(0, 86400, size=max(sizes[shard], 1))
+                gaps = gap_seconds(np.asarray(out["gap_bucket"]), edges, rng)
+                # Event time = the session's start + the running sum of gaps within the session.
+                cumulative = np.cumsum(gaps)
+                first = np.r_[True, session[1:] != session[:-1]] if len(session) else np.array([], bool)
+                offsets = cumulative - np.maximum.accumulate(np.where(first, cumulative, 0.0))
+                times = ((starts[session] + offsets) * 1e6).astype("int64")
+                yield pa.RecordBatch.from_arrays([
+                    pa.array([f"syn-{run_id}-{shard}-{s}" for s in session], pa.string()),
+                    pa.array(np.full(len(session), shard, dtype=np.int32)),
+                    pa.array(np.asarray(out["position"], dtype=np.int32)),
+                    pa.array(times, pa.timestamp("us", tz="UTC")),
+                    pa.array(names[np.asarray(out["event_type"])].tolist(), pa.string()),
+                    pa.array(np.asarray(out["item_idx"], dtype=np.int32)),
+                ], schema=pa.schema([("session_id", pa.string()), ("shard", pa.int32()),
+                                     ("position", pa.int32()), ("event_time", pa.timestamp("us", tz="UTC")),
+                                     ("event_type", pa.string()), ("item_idx", pa.int32())]))
+
+    return sample
+
+
+def run(ctx) -> dict[str, int]:
+    cfg, spark = ctx.cfg, ctx.spark
+    checkpoint = Path(cfg.train.checkpoint_dir) / ctx.run_id
+    if not (checkpoint / "metadata.json").exists():
+        raise FileNotFoundError(f"no checkpoint for run {ctx.run_id} in {checkpoint}; run the train stage first")
+    metadata = json.loads((checkpoint / "metadata.json").read_text())
+    catalog = ctx.read("item_catalog").df
+    n_items = catalog.agg(F.max("item_idx")).first()[0] + 1
+    trained_items = metadata.get("vocab", {}).get("n_items", n_items)
+    if trained_items > n_items:
+        raise ValueError(f"checkpoint {checkpoint} knows {trained_items} items but item_catalog only "
+                         f"{n_items}: the vocabulary was rebuilt; retrain for this run")
+    last_real = ctx.read("sessions").df.agg(F.max("start_time")).first()[0]
+    base = dt.datetime.combine(last_real.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()
+
+    files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
+    shards = cfg.generate.shards
+    sampled = (spark.range(shards, numPartitions=shards)
+               .mapInArrow(_sampler(spark.sparkContext.broadcast(files), cfg, base), _SAMPLE_DDL))
+    events = (sampled.join(F.broadcast(catalog.select("item_idx", "item_id", "category", "brand", "price")),
+                           "item_idx", "left")
+              .withColumn("run_id", F.lit(ctx.run_id)).drop("item_idx"))
+    commit = ctx.write(events, "synthetic_events", replace={"run_id": ctx.run_id})
+    sessions = ctx.lake.read("synthetic_events", commit.version).df.where(
+        F.col("run_id") == ctx.run_id).select("session_id").distinct().count()
+    return {"synthetic_sessions": sessions, "synthetic_events": commit.rows}
