@@ -47,7 +47,7 @@ def pseudonym_key(cfg) -> bytes:
 def hmac_sha256(key: bytes, message: Column) -> Column:
     """HMAC-SHA256 of a string column as hex, in Spark SQL (RFC 2104), so no Python UDF is needed."""
     block = 64
-    key = hashlib.sha256(key).digest() if len(key) > block else key.ljust(block, b"\0")
+    key = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
     inner_pad = bytes(b ^ 0x36 for b in key).hex()
     outer_pad = bytes(b ^ 0x5C for b in key).hex()
     inner = F.unhex(F.sha2(F.concat(F.unhex(F.lit(inner_pad)), F.encode(message, "UTF-8")), 256))

@@ -1,0 +1,120 @@
+import hashlib
+import hmac
+
+import pytest
+from pyspark.sql import functions as F
+
+from synth.clean import QuarantineThresholdExceeded, hmac_sha256
+from synth.runner import StageContext, run_stage
+from synth import clean
+
+from conftest import shared_data
+
+HEADER = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session"
+GOOD = [
+    "2026-11-01 10:00:00 UTC,view,100,5,cat.a,BrandX,10.00,501,sessA",
+    "2026-11-01 10:00:30 UTC,search,,5,cat.a,,,501,sessA",
+    "2026-11-01 10:01:00 UTC,cart,100,5,cat.a,BrandX,10.00,501,sessA",
+    "2026-11-01 10:02:00 UTC,purchase,100,5,cat.a,BrandX,10.00,501,sessA",
+    # No source session: split on the 30-minute inactivity gap into two sessions.
+    "2026-11-01 10:00:00 UTC,view,200,6,,BrandY,20.00,502,",
+    "2026-11-01 10:10:00 UTC,view,201,6,,BrandY,21.00,502,",
+    "2026-11-01 11:00:00 UTC,view,202,6,,BrandY,22.00,502,",
+]
+BAD = {
+    "2026-11-01 10:05:00 UTC,view,100": "malformed_line",
+    "2026-11-01 10:05:00 UTC,view,100,5,cat.a,BrandX,10.00,,sessB": "missing_user",
+    "2026-11-01 10:05:00 UTC,view,,5,cat.a,BrandX,10.00,503,sessB": "missing_item",
+    "yesterday,view,100,5,cat.a,BrandX,10.00,503,sessB": "bad_timestamp",
+    ",view,100,5,cat.a,BrandX,10.00,503,sessB": "missing_time",
+    "1999-01-01 10:05:00 UTC,view,100,5,cat.a,BrandX,10.00,503,sessB": "impossible_timestamp",
+    "2026-11-01 10:05:00 UTC,click,100,5,cat.a,BrandX,10.00,503,sessB": "unknown_event_type",
+    "2026-11-01 10:05:00 UTC,view,100,5,cat.a,BrandX,-1.00,503,sessB": "bad_price",
+    "2026-11-01 10:05:00 UTC,view,100,5,cat.a,BrandX,abc,503,sessB": "bad_price",
+}
+BOT = [f"2026-11-01 12:{m:02d}:00 UTC,view,{300 + m},7,,BrandZ,5.00,666,sessBot" for m in range(6)]
+
+
+def _write_raw(path, lines, truncated=""):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "part-0.csv").write_text("\n".join([HEADER, *lines]) + "\n" + truncated)
+
+
+@pytest.fixture
+def cleaned(spark, lake, make_cfg, tmp_path):
+    cfg = make_cfg(**{"input.source": "rees46", "clean.max_quarantine_share": 1.0,
+                      "clean.bot_max_events_per_hour": 5})
+    lines = GOOD + [GOOD[2]] + list(BAD) + BOT
+    _write_raw(tmp_path / "raw", lines, truncated="2026-11-01 10:09:00 UTC,view,1")
+    counts = run_stage("clean", cfg, spark, lake)
+    return cfg, counts
+
+
+def test_every_raw_row_is_accounted_for(cleaned):
+    _, counts = cleaned
+    assert counts["raw"] == len(GOOD) + 1 + len(BAD) + len(BOT) + 1
+    assert counts["duplicates"] == 1
+    assert counts["clean"] == len(GOOD)
+    assert counts["raw"] == counts["clean"] + counts["quarantined"] + counts["duplicates"]
+    assert counts["skipped_header_lines"] == 1
+
+
+def test_quarantine_holds_reason_and_raw_text(cleaned, lake):
+    rows = lake.read("quarantine").df.collect()
+    by_line = {r.raw_line: r.reason for r in rows}
+    for line, reason in BAD.items():
+        assert by_line[line] == reason
+    assert by_line["2026-11-01 10:09:00 UTC,view,1"] == "malformed_line"
+    assert all(by_line[line] == "bot_user" for line in BOT)
+    assert all(r.run_id == "test" and r.source_file.endswith("part-0.csv") for r in rows)
+
+
+def test_events_are_typed_sessionized_and_pseudonymized(cleaned, lake):
+    events = lake.read("events").df
+    rows = events.orderBy("event_time", "event_type").collect()
+    assert {r.event_type for r in rows} == {"view", "search", "cart", "purchase"}
+    assert all(r.user_id.startswith("u_") and r.user_id not in ("501", "502") for r in rows)
+    assert not any("501" in (r.session_id + r.user_id) for r in rows)
+    sessions = events.groupBy("user_id", "session_id").count().collect()
+    assert sorted(r["count"] for r in sessions) == [1, 2, 4]
+    search = next(r for r in rows if r.event_type == "search")
+    assert search.item_id is None and search.price is None
+    assert {r.brand for r in rows if r.brand} == {"brandx", "brandy"}
+    assert events.select("event_id").distinct().count() == len(rows)
+    assert {str(r.event_date) for r in rows} == {"2026-11-01"}
+
+
+def test_rerun_of_the_same_run_changes_nothing(cleaned, spark, lake):
+    cfg, counts = cleaned
+    versions = {t: lake.version(t) for t in ("events", "quarantine", "pipeline_runs")}
+    assert run_stage("clean", cfg, spark, lake) == counts
+    assert {t: lake.version(t) for t in versions} == versions
+    run_stage("clean", cfg, spark, lake, force=True)
+    assert lake.read("quarantine").df.count() == counts["quarantined"]
+    assert lake.read("events").df.count() == counts["clean"]
+
+
+def test_hmac_in_spark_matches_python(spark):
+    key = b"k" * 70
+    got = spark.range(1).select(hmac_sha256(key, F.lit("user|501")).alias("h")).first().h
+    assert got == hmac.new(key, b"user|501", hashlib.sha256).hexdigest()
+
+
+def test_quarantine_share_above_threshold_fails_after_writing_quarantine(spark, lake, make_cfg, tmp_path):
+    cfg = make_cfg(**{"input.source": "rees46"})
+    _write_raw(tmp_path / "raw", GOOD + list(BAD))
+    with pytest.raises(QuarantineThresholdExceeded, match="clean.max_quarantine_share"):
+        clean.run(StageContext(cfg, spark, lake, "clean"))
+    assert lake.read("quarantine").df.count() == len(BAD)
+    assert not lake.exists("events")
+
+
+def test_rees46_sample(spark, lake, make_cfg):
+    path = shared_data("rees46/2019-Oct-head.csv")
+    cfg = make_cfg(**{"input.source": "rees46", "input.path": str(path)})
+    counts = run_stage("clean", cfg, spark, lake)
+    assert counts["raw"] == 17434 + 1  # the sample's events plus its truncated last line
+    assert counts["duplicates"] == 5
+    assert counts["quarantined.bad_price"] == 19
+    assert counts["quarantined.malformed_line"] == 1
+    assert counts["raw"] == counts["clean"] + counts["quarantined"] + counts["duplicates"]

@@ -1,0 +1,32 @@
+import pytest
+
+from synth import config
+
+
+def test_defaults_load_and_every_option_has_help():
+    cfg = config.load()
+    helps = config.option_help()
+    for section, keys in cfg.to_dict().items():
+        for key in keys:
+            assert helps.get(f"{section}.{key}"), f"{section}.{key} has no comment line in pipeline.yaml"
+    assert cfg.lake.engine == "auto"
+
+
+def test_file_then_command_line_override(tmp_path):
+    path = tmp_path / "nightly.yaml"
+    path.write_text("train:\n  max_steps: 7\n  batch_size: 3\n")
+    parser = config.build_parser("t", "test", config.STAGES)
+    cfg = config.from_args(parser.parse_args(["--config", str(path), "--train.max_steps", "9", "--run-id", "r-1"]))
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.run.id) == (9, 3, "r-1")
+
+
+def test_bad_options_are_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_stepz: 7\n")
+    with pytest.raises(config.ConfigError, match="max_stepz"):
+        config.load(path)
+    parser = config.build_parser("t", "test")
+    with pytest.raises(config.ConfigError, match="train.max_steps"):
+        config.from_args(parser.parse_args(["--train.max_steps", "many"]))
+    with pytest.raises(config.ConfigError, match="run id"):
+        config.load(overrides={"run.id": "a/b"})
