@@ -31,7 +31,7 @@ def shard_seed(seed: int, run_id: str, shard: int) -> int:
 def gap_seconds(buckets: np.ndarray, edges: list[float], rng: np.random.Generator) -> np.ndarray:
     """Draw a time gap inside each gap bucket (the inverse of featurize.gap_bucket)."""
     edges = np.asarray(edges, dtype=float)
-    lower = np.concatenate([[0.0], edges])[np.clip(buckets - 1, 0, len(edges))]
+    lower = edges[np.clip(buckets - 1, 0, len(edges) - 1)]
     upper = np.concatenate([edges, [edges[-1] * 4]])[np.clip(buckets, 0, len(edges))]
     gaps = rng.uniform(lower, upper)
     return np.where(buckets == 0, 0.0, gaps)

@@ -49,7 +49,7 @@ def _fmt_time(seconds: float) -> str:
     return dt.datetime.fromtimestamp(int(seconds), dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _user_rows(rng, cat, user_number: int, start: float, days: int, bot: bool) -> list[tuple[float, str]]:
+def _user_rows(rng, cat, user_number: int, start: float, days: int, bot_events: int) -> list[tuple[float, str]]:
     """The raw (time, line) rows of one user."""
     brands = [f"brand{b:03d}" for b in range(int(cat["brand"].max()) + 1)]
     rows: list[tuple[float, str]] = []
@@ -66,10 +66,10 @@ def _user_rows(rng, cat, user_number: int, start: float, days: int, bot: bool) -
                       f"{cat['price'][item]:.2f}", str(user_number), session["id"]]
         rows.append((t, ",".join(fields)))
 
-    if bot:
+    if bot_events:
         session = {"id": "%032x" % rng.integers(0, 2**63), "category": 0}
         t = start + rng.uniform(0, 3600)
-        for item in rng.choice(len(cat["cat"]), size=900):
+        for item in rng.choice(len(cat["cat"]), size=bot_events):
             emit(t, "view", int(item), session)
             t += rng.uniform(1, 6)
         return rows
@@ -134,7 +134,8 @@ def _shard_writer(cfg: Config, out_dir: str, n_shards: int):
                 rng = np.random.default_rng([cfg.run.seed, 1, shard])
                 rows: list[tuple[float, str]] = []
                 for user in range(shard, sim.users, n_shards):
-                    rows += _user_rows(rng, catalog, 500000000 + user * 17, start, sim.days, bot=user == 1)
+                    rows += _user_rows(rng, catalog, 500000000 + user * 17, start, sim.days,
+                                       bot_events=sim.bot_events if user == 1 else 0)
                 rows.sort(key=lambda r: r[0])
                 by_date: dict[str, list[str]] = {}
                 for t, line in rows:

@@ -17,8 +17,8 @@ TABLES = ("events", "quarantine", "sessions", "user_profiles", "item_catalog", "
 SMALL = """
 lake: {root: %(root)s/lake}
 input: {path: %(root)s/raw}
-clean: {pseudonym_key_file: %(root)s/key}
-simulator: {users: 150, items: 300, days: 2, shards: 2}
+simulator: {users: 150, items: 300, days: 2, shards: 2, bot_events: 80}
+clean: {pseudonym_key_file: %(root)s/key, bot_max_events_per_hour: 50}
 train: {max_steps: 30, d_model: 32, batch_size: 32, log_every: 10, checkpoint_dir: %(root)s/ckpt}
 generate: {sessions: 120, shards: 3}
 evaluate: {report_dir: %(root)s/reports}

@@ -1,0 +1,205 @@
+"""The session model: learning, sampling and checkpoints (CPU, tiny models, a few seconds)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from synth.model import (CheckpointError, SessionModel, SessionModelConfig, load_checkpoint, save_checkpoint,
+                         split_window)
+
+ITEM_CATEGORY = [0, 1, 1, 2, 2, 3]  # item 0 = none; items 1..5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they run several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(**overrides) -> SessionModelConfig:
+    base = dict(n_items=6, n_categories=4, n_gap_buckets=5, block_size=9, d_model=32, n_layer=1, n_head=2,
+                dropout=0.0)
+    base.update(overrides)
+    return SessionModelConfig(**base)
+
+
+def windows(event_type, item_idx, gap_bucket, copies=8) -> dict[str, torch.Tensor]:
+    """A batch of `copies` identical token windows, categories looked up from ITEM_CATEGORY."""
+    item = torch.tensor([item_idx] * copies)
+    return {"event_type": torch.tensor([event_type] * copies), "item_idx": item,
+            "category_idx": torch.tensor(ITEM_CATEGORY)[item], "gap_bucket": torch.tensor([gap_bucket] * copies)}
+
+
+# BOS view(1) cart(1) purchase(1) search view(2) EOS pad pad pad: 10 tokens = block_size + 1.
+PATTERN = windows([1, 3, 4, 5, 6, 3, 2, 0, 0, 0], [0, 1, 1, 1, 0, 2, 0, 0, 0, 0], [0, 0, 1, 2, 3, 1, 0, 0, 0, 0])
+# A session of view/cart cycles that never ends: its first window (from BOS) and a later, overlapping
+# one (as featurize cuts long sessions), so the model also learns to continue windows without BOS.
+_FIRST = windows([1, 3, 4, 3, 4, 3, 4, 3, 4, 3], [0, 1, 1, 2, 2, 1, 1, 2, 2, 1], [0, 1, 2, 1, 2, 1, 2, 1, 2, 1], 4)
+_LATER = windows([3, 4, 3, 4, 3, 4, 3, 4, 3, 4], [2, 2, 1, 1, 2, 2, 1, 1, 2, 2], [1, 2, 1, 2, 1, 2, 1, 2, 1, 2], 4)
+ENDLESS = {k: torch.cat([_FIRST[k], _LATER[k]]) for k in _FIRST}
+
+
+def train(batch, steps=80, seed=0, **overrides) -> tuple[SessionModel, list[float]]:
+    torch.manual_seed(seed)
+    model = SessionModel(tiny_config(**overrides), item_category=ITEM_CATEGORY)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        _, loss = model(**split_window(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return model, losses
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train(PATTERN)
+
+
+def test_loss_decreases_on_repeated_pattern(trained):
+    model, losses = trained
+    # Untrained: about ln(7) + ln(6) + ln(5) = 5.4; the pattern is deterministic, so it can go near 0.
+    assert losses[0] > 4.0
+    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.3
+
+
+def test_learned_pattern_is_what_it_samples(trained):
+    model, _ = trained
+    out = model.sample(4, torch.Generator().manual_seed(3), top_k=1)
+    for s in range(4):
+        rows = out["session"] == s
+        assert out["event_type"][rows].tolist() == [3, 4, 5, 6, 3]
+        assert out["item_idx"][rows].tolist() == [1, 1, 1, 0, 2]
+        assert out["gap_bucket"][rows].tolist() == [0, 1, 2, 3, 1]
+
+
+def test_loss_ignores_padding_and_handles_no_item_targets():
+    model = SessionModel(tiny_config(), item_category=ITEM_CATEGORY)
+    searches_only = windows([1, 6, 6, 2, 0, 0, 0, 0, 0, 0], [0] * 10, [0, 1, 1, 0, 0, 0, 0, 0, 0, 0], copies=2)
+    _, loss = model(**split_window(searches_only))
+    assert torch.isfinite(loss)  # the item loss has no positions: 0, not NaN
+    # Whatever the model says at padded target positions does not change the loss.
+    inputs = split_window(searches_only)
+    changed = {k: v.clone() for k, v in inputs.items()}
+    changed["target_item_idx"][:, 4:] = 5
+    changed["target_gap_bucket"][:, 4:] = 4
+    assert torch.equal(model(**changed)[1], loss)
+
+
+def test_sample_is_deterministic_and_valid():
+    torch.manual_seed(1)
+    model = SessionModel(tiny_config(dropout=0.1), item_category=ITEM_CATEGORY)  # untrained: varied output
+    a = model.sample(50, torch.Generator().manual_seed(7), max_events=12)
+    b = model.sample(50, torch.Generator().manual_seed(7), max_events=12)
+    c = model.sample(50, torch.Generator().manual_seed(8), max_events=12)
+    assert set(a) == {"session", "position", "event_type", "item_idx", "gap_bucket"}
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+        assert a[key].dtype == np.int64 and a[key].ndim == 1 and len(a[key]) == len(a["session"])
+    assert not all(np.array_equal(a[k], c[k]) for k in a)  # another seed, other sessions
+    assert model.training  # sample restores the training mode
+
+    assert set(np.unique(a["session"])) <= set(range(50))
+    assert len(np.unique(a["session"])) == 50  # EOS is never the first event: no empty session
+    assert set(np.unique(a["event_type"])) <= {3, 4, 5, 6}
+    has_item = np.isin(a["event_type"], [3, 4, 5])
+    assert (a["item_idx"][has_item] > 0).all() and (a["item_idx"][has_item] < 6).all()
+    assert (a["item_idx"][a["event_type"] == 6] == 0).all()
+    assert ((a["gap_bucket"] >= 0) & (a["gap_bucket"] < 5)).all()
+    for s in range(50):
+        positions = a["position"][a["session"] == s]
+        assert positions.tolist() == list(range(len(positions)))
+        assert 1 <= len(positions) <= 12
+
+
+def test_sample_windows_past_block_size():
+    model, _ = train(ENDLESS, steps=60, block_size=9)
+    out = model.sample(3, torch.Generator().manual_seed(0), max_events=30)  # 30 events > block_size 9
+    counts = np.bincount(out["session"], minlength=3)
+    assert (counts == 30).all()  # never predicts EOS: each session runs to max_events through the window
+    assert set(np.unique(out["event_type"])) <= {3, 4}
+    assert (out["item_idx"] > 0).all()
+
+
+def test_sample_top_k_one_is_greedy():
+    torch.manual_seed(2)
+    model = SessionModel(tiny_config(), item_category=ITEM_CATEGORY)
+    a = model.sample(5, torch.Generator().manual_seed(1), top_k=1, max_events=8)
+    b = model.sample(5, torch.Generator().manual_seed(99), top_k=1, max_events=8)
+    for key in a:
+        assert np.array_equal(a[key], b[key])
+
+
+def test_item_category_buffer_is_checked_and_saved():
+    with pytest.raises(ValueError, match="shape"):
+        SessionModel(tiny_config(), item_category=[0, 1])
+    with pytest.raises(ValueError, match="categories"):
+        SessionModel(tiny_config(), item_category=[0, 1, 1, 2, 2, 9])
+    model = SessionModel(tiny_config(), item_category=ITEM_CATEGORY)
+    assert model.state_dict()["item_category"].tolist() == ITEM_CATEGORY
+
+
+def test_checkpoint_round_trip(tmp_path, trained):
+    model, _ = trained
+    target = tmp_path / "checkpoints" / "run-1"
+    path = save_checkpoint(model, target, {"seed": 5, "input_versions": {"session_tokens": 3}})
+    assert path == target.resolve()
+    assert sorted(p.name for p in target.iterdir()) == ["metadata.json", "model.pt"]
+    assert [p.name for p in target.parent.iterdir()] == ["run-1"]  # no staging folder left behind
+
+    loaded, metadata = load_checkpoint(target)
+    assert metadata["seed"] == 5 and metadata["input_versions"] == {"session_tokens": 3}
+    assert metadata["model_config"]["n_items"] == 6 and len(metadata["model_sha256"]) == 64
+    assert loaded.config == model.config and not loaded.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    a = model.sample(10, torch.Generator().manual_seed(4))
+    b = loaded.sample(10, torch.Generator().manual_seed(4))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+    # Saving again over the same folder replaces it whole.
+    save_checkpoint(model, target, {"seed": 6})
+    assert load_checkpoint(target)[1]["seed"] == 6
+    assert [p.name for p in target.parent.iterdir()] == ["run-1"]
+
+
+def test_checkpoint_hash_detects_tampering(tmp_path, trained):
+    model, _ = trained
+    target = tmp_path / "ckpt"
+    save_checkpoint(model, target, {})
+    blob = bytearray((target / "model.pt").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (target / "model.pt").write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(target)
+
+    # A metadata.json from another checkpoint is caught the same way.
+    other = tmp_path / "other"
+    save_checkpoint(SessionModel(tiny_config(), item_category=ITEM_CATEGORY), other, {})
+    (target / "model.pt").write_bytes((other / "model.pt").read_bytes())
+    assert json.loads((target / "metadata.json").read_text())["model_sha256"] != \
+        json.loads((other / "metadata.json").read_text())["model_sha256"]
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(target)
+
+    (other / "metadata.json").unlink()
+    with pytest.raises(CheckpointError, match="metadata.json is missing"):
+        load_checkpoint(other)
+
+
+def test_checkpoint_of_wrapped_model(tmp_path):
+    model = SessionModel(tiny_config(), item_category=ITEM_CATEGORY)
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # what DistributedDataParallel looks like from outside
+    save_checkpoint(wrapper, tmp_path / "ckpt", {})
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    assert torch.equal(loaded.item_emb.weight, model.item_emb.weight)

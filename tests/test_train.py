@@ -1,0 +1,135 @@
+"""The train stage end to end on a tiny lake: TorchDistributor, Petastorm, checkpoint and metadata."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+WINDOW = 8  # featurize.window: token arrays hold WINDOW + 2 entries
+N_ITEMS = 12  # catalogue items 1..12
+TRAIN_OVERRIDES = {
+    "featurize.window": WINDOW, "train.max_steps": 20, "train.batch_size": 16, "train.learning_rate": 0.01,
+    "train.d_model": 32, "train.n_layer": 1, "train.n_head": 2, "train.dropout": 0.0, "train.log_every": 5,
+    "train.cpu_threads": 1,
+}
+
+
+def catalog_df(spark):
+    rows = [(i, f"item-{i}", f"cat-{(i - 1) % 3 + 1}", (i - 1) % 3 + 1, "brand", 10.0 * i, 100 - i)
+            for i in range(1, N_ITEMS + 1)]
+    return spark.createDataFrame(rows, "item_idx int, item_id string, category string, category_idx int, "
+                                       "brand string, price double, popularity long")
+
+
+def session_tokens_df(spark, n_train=120, n_holdout=30, seed=0):
+    """Windows of a learnable habit: view an item, cart it, buy it, search, then view another item."""
+    rng = random.Random(seed)
+    rows = []
+    for n, split in [(n_train, "train"), (n_holdout, "holdout")]:
+        for s in range(n):
+            item, other = rng.randint(1, N_ITEMS), rng.randint(1, N_ITEMS)
+            events = [(3, item, 3), (4, item, 2), (5, item, 4), (6, 0, 1), (3, other, 5)]
+            tokens = [(1, 0, 0)] + events + [(2, 0, 0)]
+            tokens += [(0, 0, 0)] * (WINDOW + 2 - len(tokens))
+            category = [0 if i == 0 else (i - 1) % 3 + 1 for _, i, _ in tokens]
+            rows.append((f"{split}-{s}", 0, len(events) + 2, [t for t, _, _ in tokens], [i for _, i, _ in tokens],
+                         category, [g for _, _, g in tokens], split))
+    return spark.createDataFrame(rows, "session_id string, window_start int, length int, event_type array<int>, "
+                                       "item_idx array<int>, category_idx array<int>, gap_bucket array<int>, "
+                                       "split string")
+
+
+def version_of(commit) -> int:
+    """lake.write returns a Commit (older versions of lake.py: the bare version number)."""
+    return int(getattr(commit, "version", commit))
+
+
+@pytest.fixture
+def tiny_lake(spark, lake):
+    catalog_version = version_of(lake.write(catalog_df(spark), "item_catalog", app_id="test-featurize"))
+    lake.write(session_tokens_df(spark, seed=1), "session_tokens", app_id="test-featurize-0")
+    # A second commit: the stage must pin and record the latest version, not version 0.
+    tokens_version = version_of(
+        lake.write(session_tokens_df(spark, seed=2), "session_tokens", app_id="test-featurize-1"))
+    return lake, {"item_catalog": catalog_version, "session_tokens": tokens_version}
+
+
+def run_train(spark, lake, cfg):
+    from synth import train
+    from synth.runner import StageContext
+
+    ctx = StageContext(cfg, spark, lake, "train")
+    return ctx, train.run(ctx)
+
+
+def test_train_stage_writes_a_checkpoint_that_learned(spark, tiny_lake, make_cfg, capfd):
+    from synth.model import load_checkpoint
+
+    lake, versions = tiny_lake
+    assert versions["session_tokens"] == 1
+    cfg = make_cfg(**TRAIN_OVERRIDES)
+    ctx, counts = run_train(spark, lake, cfg)
+
+    checkpoint = Path(cfg.train.checkpoint_dir).resolve() / "test"
+    assert ctx.artifacts["checkpoint"] == str(checkpoint)
+    assert (checkpoint / "model.pt").is_file() and (checkpoint / "metadata.json").is_file()
+    model, metadata = load_checkpoint(checkpoint)
+
+    assert ctx.input_versions == versions
+    assert metadata["input_versions"] == versions
+    assert metadata["seed"] == cfg.run.seed
+    assert metadata["run_config"]["train"]["max_steps"] == 20
+    assert metadata["vocab"] == {"n_event_types": 7, "n_items": N_ITEMS + 1, "n_categories": 4,
+                                 "n_gap_buckets": len(cfg.featurize.gap_bucket_edges) + 1}
+    assert model.config.block_size == WINDOW + 1 and model.config.d_model == 32
+    assert model.item_category.tolist() == [0] + [(i - 1) % 3 + 1 for i in range(1, N_ITEMS + 1)]
+    # Only the split=train windows count (the holdout ones are in other files).
+    assert counts["train_windows"] == metadata["train_windows"] == 120
+    assert counts["steps"] == metadata["steps"] == 20
+    assert metadata["train_files"] == len([u for u in lake.files("session_tokens", 1) if "/split=train/" in u])
+
+    curve = metadata["loss_curve"]
+    assert [step for step, _ in curve] == [1, 5, 10, 15, 20]
+    assert curve[-1][1] < 0.7 * curve[0][1]
+    assert counts["final_loss_x1000"] == int(metadata["final_loss"] * 1000)
+    assert metadata["events_per_s"] > 0 and metadata["wall_seconds"] > 0
+    out = capfd.readouterr().out
+    assert "step 20/20 loss" in out and "events/s" in out
+
+    # The trained model samples valid sessions.
+    import torch
+
+    sample = model.sample(20, torch.Generator().manual_seed(0), max_events=10)
+    assert len(sample["session"]) > 0
+    assert set(sample["event_type"].tolist()) <= {3, 4, 5, 6}
+    assert (sample["item_idx"][sample["event_type"] != 6] > 0).all()
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_train_stage_two_ranks_ddp(spark, lake, make_cfg, partitions):
+    """Two gloo DDP ranks, sharding the row groups between them (2 files of one row group each) or, with
+    fewer row groups than ranks (1 file), each reading all of them, as Petastorm would leave a rank empty."""
+    from synth.model import load_checkpoint
+
+    lake.write(catalog_df(spark), "item_catalog", app_id="test-featurize")
+    tokens = session_tokens_df(spark).repartition(partitions)
+    version = version_of(lake.write(tokens, "session_tokens", app_id="test-featurize"))
+    train_files = [u for u in lake.files("session_tokens", version) if "/split=train/" in u]
+    assert len(train_files) == partitions
+
+    cfg = make_cfg(**{**TRAIN_OVERRIDES, "train.num_processes": 2, "train.max_steps": 10})
+    ctx, counts = run_train(spark, lake, cfg)
+    model, metadata = load_checkpoint(ctx.artifacts["checkpoint"])
+    assert metadata["world_size"] == 2
+    assert metadata["sharded"] is (partitions == 2)
+    assert metadata["input_versions"] == {"item_catalog": 0, "session_tokens": version}
+    assert counts["steps"] == 10
+    assert metadata["loss_curve"][-1][1] < metadata["loss_curve"][0][1]
+
+
+def test_train_stage_rejects_tokens_outside_the_vocabulary(spark, lake, make_cfg):
+    lake.write(catalog_df(spark).where("item_idx <= 5"), "item_catalog", app_id="test-featurize")
+    lake.write(session_tokens_df(spark), "session_tokens", app_id="test-featurize")
+    with pytest.raises(ValueError, match="item_idx spans 0..12, outside the vocabulary 0..5"):
+        run_train(spark, lake, make_cfg(**TRAIN_OVERRIDES))
