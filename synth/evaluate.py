@@ -1,0 +1,593 @@
+"""The evaluate stage: how close are this run's synthetic sessions to real sessions the generator never saw?
+
+Every subject is compared with the held-out real sessions (sessions.split = 'holdout'):
+
+- synthetic: this run's synthetic_events (run_id = the run id), grouped into sessions by session_id,
+  ordered by position;
+- train_resample: a deterministic sample of real train sessions, as many as there are synthetic
+  sessions (evaluate.baseline_sessions overrides it): the fidelity ceiling, what a perfect
+  generator could reach at that sample size;
+- independent_columns: sessions whose length, event types, items (with their category) and time
+  gaps are drawn independently from the train marginals, with seeded Spark `rand`: the naive floor
+  a generator has to beat.
+
+Everything event-level stays in Spark. The driver only collects small aggregates (counts per event
+type, session length, item, category and gap bin), from which small pure functions (`tvd`,
+`ks_from_histograms`, `jsd`, `metric_rows`) compute the metrics; they are unit-testable without
+Spark. The stage writes the metrics table (one commit, replacing this run's partition) and a
+self-contained HTML report with embedded PNG plots.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import logging
+import math
+import os
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+log = logging.getLogger(__name__)
+
+HOLDOUT = "holdout"
+SYNTHETIC = "synthetic"
+TRAIN_RESAMPLE = "train_resample"
+INDEPENDENT = "independent_columns"
+COMPARED = (SYNTHETIC, TRAIN_RESAMPLE, INDEPENDENT)
+SUBJECTS = (HOLDOUT,) + COMPARED
+
+# Null marker and separator of the item-sequence fingerprint (control characters, not expected in item ids).
+_NULL_ITEM = "\u0000"
+_ITEM_SEP = "\u0001"
+
+DESCRIPTIONS = {
+    "event_type_tvd": "Total variation distance between the event-type mix (view/cart/purchase/search shares) "
+                      "of the subject and of the holdout sessions; 0 = identical mix, 1 = disjoint; lower is better.",
+    "session_length_ks": "Kolmogorov-Smirnov statistic (largest CDF gap) between the subject's and the holdout's "
+                         "session lengths in events; 0 = identical distributions, 1 = disjoint; lower is better.",
+    "item_popularity_jsd": "Jensen-Shannon divergence (base 2) between item frequency distributions of the subject "
+                           "and the holdout, over the union of their items; 0 = identical, 1 = disjoint; lower is better.",
+    "category_popularity_jsd": "Jensen-Shannon divergence (base 2) between category frequency distributions of the "
+                               "subject and the holdout; 0 = identical, 1 = disjoint; lower is better.",
+    "gap_seconds_ks": "Kolmogorov-Smirnov statistic between the time gaps (seconds, binned by "
+                      "evaluate.gap_bin_seconds) of consecutive events within sessions, subject vs holdout; "
+                      "lower is better.",
+    "purchase_after_view_share": "Share of purchases preceded in the same session by a view of the same item; "
+                                 "for the holdout it is the real value, for other subjects closer to the holdout "
+                                 "value is better.",
+    "catalog_consistency": "Share of synthetic events whose item exists in item_catalog with the same category and "
+                           "brand (a search without an item counts as consistent); 1 = fully consistent; higher is better.",
+    "exact_copy_share": "Share of the subject's sessions whose full item sequence equals a real train session of "
+                        "2+ events (memorization); for the holdout it is the chance rate among real sessions; "
+                        "lower is better, near the holdout value is expected.",
+    "n_sessions": "Number of sessions of the subject (the sample size behind its metrics); informational.",
+    "n_events": "Number of events of the subject (the sample size behind its metrics); informational.",
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure metric functions on collected histograms ({value: count}).
+# --------------------------------------------------------------------------------------------------
+
+def _normalized(hist: Mapping[Any, float], name: str) -> dict[Any, float]:
+    total = float(sum(hist.values()))
+    if total <= 0 or any(v < 0 for v in hist.values()):
+        raise ValueError(f"{name} must hold non-negative counts with a positive total")
+    return {k: v / total for k, v in hist.items()}
+
+
+def tvd(p: Mapping[Any, float], q: Mapping[Any, float]) -> float:
+    """Total variation distance of two count histograms: half the L1 distance of their shares (0..1)."""
+    a, b = _normalized(p, "p"), _normalized(q, "q")
+    return 0.5 * sum(abs(a.get(k, 0.0) - b.get(k, 0.0)) for k in set(a) | set(b))
+
+
+def ks_from_histograms(p: Mapping[float, float], q: Mapping[float, float]) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic, sup |F_p - F_q|, from count histograms of ordered values."""
+    a, b = _normalized(p, "p"), _normalized(q, "q")
+    cdf_a = cdf_b = stat = 0.0
+    for value in sorted(set(a) | set(b)):
+        cdf_a += a.get(value, 0.0)
+        cdf_b += b.get(value, 0.0)
+        stat = max(stat, abs(cdf_a - cdf_b))
+    return min(stat, 1.0)
+
+
+def jsd(p: Mapping[Any, float], q: Mapping[Any, float]) -> float:
+    """Jensen-Shannon divergence, base 2 (0..1), of two count histograms over the union of their keys."""
+    a, b = _normalized(p, "p"), _normalized(q, "q")
+
+    def kl_to_mid(x: dict, y: dict) -> float:
+        return sum(px * math.log2(px / (0.5 * (px + y.get(k, 0.0)))) for k, px in x.items() if px > 0)
+
+    return min(max(0.5 * kl_to_mid(a, b) + 0.5 * kl_to_mid(b, a), 0.0), 1.0)
+
+
+def share(part: int, whole: int) -> float | None:
+    """part / whole, or None when there is nothing to measure."""
+    return part / whole if whole else None
+
+
+@dataclass
+class Profile:
+    """The collected aggregates of one subject: everything the metrics and plots need."""
+
+    event_types: dict[str, int] = field(default_factory=dict)
+    lengths: dict[int, int] = field(default_factory=dict)
+    items: dict[str, int] = field(default_factory=dict)
+    categories: dict[str, int] = field(default_factory=dict)
+    gaps: dict[int, int] = field(default_factory=dict)  # gap bin index -> count
+    purchases: int = 0
+    purchases_after_view: int = 0
+    copies: int = 0  # sessions whose item sequence equals a train session of 2+ events
+
+    @property
+    def n_sessions(self) -> int:
+        return sum(self.lengths.values())
+
+    @property
+    def n_events(self) -> int:
+        return sum(self.event_types.values())
+
+
+def metric_rows(profiles: Mapping[str, Profile],
+                catalog_consistency: float | None = None) -> list[tuple[str, str, float, str]]:
+    """(metric, subject, value, description) rows; a metric without data for a subject is left out."""
+    holdout = profiles[HOLDOUT]
+    rows: list[tuple[str, str, float, str]] = []
+
+    def add(metric: str, subject: str, value: float | None) -> None:
+        if value is None:
+            log.warning("evaluate: %s is undefined for %s (no data); not reported", metric, subject)
+        else:
+            rows.append((metric, subject, float(value), DESCRIPTIONS[metric]))
+
+    def compare(fn, mine: dict, theirs: dict) -> float | None:
+        return fn(mine, theirs) if sum(mine.values()) and sum(theirs.values()) else None
+
+    for subject in COMPARED:
+        if subject not in profiles:
+            continue
+        prof = profiles[subject]
+        add("event_type_tvd", subject, compare(tvd, prof.event_types, holdout.event_types))
+        add("session_length_ks", subject, compare(ks_from_histograms, prof.lengths, holdout.lengths))
+        add("item_popularity_jsd", subject, compare(jsd, prof.items, holdout.items))
+        add("category_popularity_jsd", subject, compare(jsd, prof.categories, holdout.categories))
+        add("gap_seconds_ks", subject, compare(ks_from_histograms, prof.gaps, holdout.gaps))
+    for subject in SUBJECTS:
+        if subject in profiles:
+            add("purchase_after_view_share", subject,
+                share(profiles[subject].purchases_after_view, profiles[subject].purchases))
+    if catalog_consistency is not None:
+        add("catalog_consistency", SYNTHETIC, catalog_consistency)
+    for subject in (SYNTHETIC, INDEPENDENT, HOLDOUT):
+        if subject in profiles:
+            add("exact_copy_share", subject, share(profiles[subject].copies, profiles[subject].n_sessions))
+    for subject in SUBJECTS:
+        if subject in profiles:
+            add("n_sessions", subject, profiles[subject].n_sessions)
+            add("n_events", subject, profiles[subject].n_events)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Spark side: events of every subject in one shape.
+# --------------------------------------------------------------------------------------------------
+
+EVENT_COLUMNS = ["subject", "session_id", "position", "event_type", "item_id", "category", "gap_bin"]
+
+
+def _gap_bin(seconds: Column, bin_seconds: float) -> Column:
+    return F.floor(seconds / F.lit(float(bin_seconds))).cast("long")
+
+
+def real_events(sessions: DataFrame, subject: str, bin_seconds: float) -> DataFrame:
+    """One row per event of real sessions (arrays per session); the first event of a session has no gap."""
+    exploded = sessions.select(
+        "session_id", F.posexplode(F.arrays_zip("event_types", "item_ids", "categories", "gap_seconds")))
+    return exploded.select(
+        F.lit(subject).alias("subject"), "session_id", F.col("pos").cast("int").alias("position"),
+        F.col("col.event_types").alias("event_type"), F.col("col.item_ids").alias("item_id"),
+        F.col("col.categories").alias("category"),
+        F.when(F.col("pos") > 0, _gap_bin(F.col("col.gap_seconds"), bin_seconds)).alias("gap_bin"))
+
+
+def synthetic_events(events: DataFrame, bin_seconds: float) -> DataFrame:
+    """Synthetic event rows in the common shape; gaps are event_time differences within the session."""
+    previous = F.lag("event_time").over(Window.partitionBy("session_id").orderBy("position"))
+    gap = (F.unix_micros("event_time") - F.unix_micros(previous)) / F.lit(1e6)
+    return events.select(
+        F.lit(SYNTHETIC).alias("subject"), "session_id", F.col("position").cast("int").alias("position"),
+        "event_type", "item_id", "category", _gap_bin(gap, bin_seconds).alias("gap_bin"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The independent_columns baseline: deterministic categorical sampling in Spark.
+# --------------------------------------------------------------------------------------------------
+
+# A draw u in [0, 1) joins the lookup on bucket floor(u * _BUCKETS), then on lo <= u < hi.
+_BUCKETS = 1024
+MARGINALS_DDL = "dim string, length int, event_type string, item_id string, category string, gap_bin long, n long"
+# The value columns drawn for each marginal ("dim").
+MARGINAL_VALUES = {"length": ["length"], "event_type": ["event_type"], "item": ["item_id", "category"],
+                   "gap": ["gap_bin"]}
+
+
+def derive_seed(master_seed: int, run_id: str, purpose: str) -> int:
+    """A stable 63-bit seed for one random choice of the run (independent of Python's hash salt)."""
+    digest = hashlib.sha256(f"{master_seed}:{run_id}:evaluate:{purpose}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def train_marginals(train: DataFrame, bin_seconds: float) -> DataFrame:
+    """Counts of the train sessions' lengths, event types, (item, category) pairs and gap bins.
+
+    One long aggregate (MARGINALS_DDL): `dim` names the marginal, its value columns are set, the
+    others null. The item marginal keeps null items (searches) and the category that goes with each
+    item, so an independent draw reproduces the train item column, null rate included.
+    """
+    def row(dim: str, **values: Column) -> Column:
+        fields = [F.lit(dim).alias("dim")]
+        for name, ddl in (("length", "int"), ("event_type", "string"), ("item_id", "string"),
+                          ("category", "string"), ("gap_bin", "long")):
+            fields.append((values[name] if name in values else F.lit(None)).cast(ddl).alias(name))
+        return F.struct(*fields)
+
+    events = real_events(train, "train", bin_seconds)
+    per_event = events.select(F.inline(F.array(
+        row("event_type", event_type=F.col("event_type")),
+        row("item", item_id=F.col("item_id"), category=F.col("category")),
+        row("gap", gap_bin=F.col("gap_bin")))))
+    per_session = train.select(row("length", length=F.size("event_types")).alias("r")).select("r.*")
+    rows = per_event.unionByName(per_session).where(
+        ((F.col("dim") != "gap") | F.col("gap_bin").isNotNull()) & ((F.col("dim") != "length") | (F.col("length") > 0)))
+    return (rows.groupBy("dim", "length", "event_type", "item_id", "category", "gap_bin")
+            .agg(F.count("*").alias("n")))
+
+
+def inverse_cdf(marginals: DataFrame) -> DataFrame:
+    """Lookup of every marginal: within its `dim`, each value owns [_lo, _hi) of [0, 1), its share of the counts.
+
+    A value is listed once per bucket of width 1 / _BUCKETS its range overlaps, so a draw u matches
+    exactly one row of its dim on (_bucket = floor(u * _BUCKETS), _lo <= u < _hi).
+    """
+    values = ["length", "event_type", "item_id", "category", "gap_bin"]  # all null but the dim's own
+    whole = Window.partitionBy("dim")
+    running = whole.orderBy(*[F.col(v).asc_nulls_first() for v in values]).rowsBetween(
+        Window.unboundedPreceding, Window.currentRow)
+    total = F.sum("n").over(whole)
+    bounds = marginals.where(F.col("n") > 0).select(
+        "dim", *values, ((F.sum("n").over(running) - F.col("n")) / total).alias("_lo"),
+        (F.sum("n").over(running) / total).alias("_hi"))
+    return bounds.withColumn("_bucket", F.explode(F.sequence(
+        F.floor(F.col("_lo") * _BUCKETS), F.floor(F.col("_hi") * _BUCKETS))))
+
+
+def _draw(df: DataFrame, uniform: str, lookups: DataFrame, dim: str) -> DataFrame:
+    """Replace the uniform [0, 1) column `uniform` by the value column(s) it draws from marginal `dim`.
+
+    The lookup is broadcast, so the join keeps the rows' partitioning and order (and with them any
+    later seeded `rand`); an empty lookup draws nulls.
+    """
+    lookup = lookups.where(F.col("dim") == dim).select(*MARGINAL_VALUES[dim], "_lo", "_hi", "_bucket")
+    bucket = F.floor(F.col(uniform) * _BUCKETS)
+    joined = df.withColumn("_b", bucket).join(
+        F.broadcast(lookup),
+        (F.col("_b") == F.col("_bucket")) & (F.col(uniform) >= F.col("_lo")) & (F.col(uniform) < F.col("_hi")),
+        "left")
+    return joined.drop(uniform, "_b", "_bucket", "_lo", "_hi")
+
+
+def independent_events(lookups: DataFrame, n_sessions: int, seeds: Mapping[str, int],
+                       partitions: int) -> DataFrame:
+    """`n_sessions` sessions whose length, event types, items (with category) and gaps are drawn independently.
+
+    `lookups` is inverse_cdf(train_marginals(...)), best persisted: each draw broadcasts a slice of it.
+    Deterministic for given seeds and partitions: the rows come from spark.range with a fixed
+    partition count, every random number from a seeded `rand` evaluated before any shuffle, and
+    every lookup join is a broadcast join that keeps row order.
+    """
+    spark = lookups.sparkSession
+    sessions = spark.range(0, n_sessions, 1, numPartitions=max(1, partitions))
+    sessions = _draw(sessions.withColumn("_u", F.rand(seeds["length"])), "_u", lookups, "length")
+    events = (sessions.where(F.col("length") > 0)
+              .select(F.format_string("ind-%08d", F.col("id")).alias("session_id"),
+                      F.explode(F.sequence(F.lit(0), F.col("length") - 1)).alias("position"))
+              .withColumn("_ut", F.rand(seeds["event_type"]))
+              .withColumn("_ui", F.rand(seeds["item"]))
+              .withColumn("_ug", F.rand(seeds["gap"])))
+    events = _draw(events, "_ut", lookups, "event_type")
+    events = _draw(events, "_ui", lookups, "item")
+    events = _draw(events, "_ug", lookups, "gap")
+    return events.select(
+        F.lit(INDEPENDENT).alias("subject"), "session_id", F.col("position").cast("int").alias("position"),
+        "event_type", "item_id", "category", F.when(F.col("position") > 0, F.col("gap_bin")).alias("gap_bin"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Spark side: the aggregates of every subject.
+# --------------------------------------------------------------------------------------------------
+
+def _sequence_key(items: Column) -> Column:
+    """Fingerprint of an ordered item sequence (nulls, i.e. searches, kept in place)."""
+    return F.sha2(F.array_join(items, _ITEM_SEP, _NULL_ITEM), 256)
+
+
+def collect_profiles(events: DataFrame, train_sessions: DataFrame) -> dict[str, Profile]:
+    """Aggregate the common-shape events of all subjects into one Profile per subject."""
+    profiles: dict[str, Profile] = {}
+
+    def prof(subject: str) -> Profile:
+        return profiles.setdefault(subject, Profile())
+
+    # Event-level histograms, all dimensions in one pass.
+    histograms = (events.select("subject", F.explode(F.array(
+        F.struct(F.lit("event_type").alias("dim"), F.col("event_type").alias("key")),
+        F.struct(F.lit("item").alias("dim"), F.col("item_id").alias("key")),
+        F.struct(F.lit("category").alias("dim"), F.col("category").alias("key")),
+        F.struct(F.lit("gap").alias("dim"), F.col("gap_bin").cast("string").alias("key")),
+    )).alias("h")).where(F.col("h.key").isNotNull())
+        .groupBy("subject", "h.dim", "h.key").count().collect())
+    for row in histograms:
+        target = {"event_type": "event_types", "item": "items", "category": "categories", "gap": "gaps"}[row.dim]
+        key = int(row.key) if row.dim == "gap" else row.key
+        getattr(prof(row.subject), target)[key] = row["count"]
+
+    # Session lengths and exact copies of train sessions with 2+ events.
+    train_keys = (train_sessions.where(F.size("item_ids") >= 2)
+                  .select(_sequence_key(F.col("item_ids")).alias("key")).distinct()
+                  .withColumn("is_copy", F.lit(1)))
+    ordered_items = F.transform(F.array_sort(F.collect_list(F.struct("position", "item_id"))),
+                                lambda e: e["item_id"])
+    sessions = (events.groupBy("subject", "session_id")
+                .agg(F.count("*").alias("length"), _sequence_key(ordered_items).alias("key")))
+    for row in (sessions.join(train_keys, "key", "left")
+                .groupBy("subject", "length")
+                .agg(F.count("*").alias("n"), F.sum(F.coalesce("is_copy", F.lit(0))).alias("copies")).collect()):
+        prof(row.subject).lengths[row.length] = row.n
+        prof(row.subject).copies += row.copies
+
+    # Purchases preceded by a view of the same item in the same session.
+    earlier = (Window.partitionBy("subject", "session_id", "item_id").orderBy("position")
+               .rowsBetween(Window.unboundedPreceding, -1))
+    viewed = F.max((F.col("event_type") == "view").cast("int")).over(earlier)
+    purchases = (events.where(F.col("item_id").isNotNull()).withColumn("viewed", viewed)
+                 .where(F.col("event_type") == "purchase")
+                 .groupBy("subject").agg(F.sum(F.coalesce("viewed", F.lit(0))).alias("after_view")).collect())
+    for row in purchases:
+        prof(row.subject).purchases_after_view = row.after_view
+    for subject, p in profiles.items():
+        p.purchases = p.event_types.get("purchase", 0)
+    return profiles
+
+
+def catalog_consistency(synthetic: DataFrame, catalog: DataFrame) -> float | None:
+    """Share of synthetic events whose item is in the catalogue with the same category and brand."""
+    entries = catalog.select(F.col("item_id").alias("_item"), F.col("category").alias("_category"),
+                             F.col("brand").alias("_brand")).distinct()
+    matched = synthetic.join(entries, (F.col("item_id") == F.col("_item"))
+                             & F.col("category").eqNullSafe(F.col("_category"))
+                             & F.col("brand").eqNullSafe(F.col("_brand")), "left")
+    consistent = F.when(F.col("item_id").isNull(), F.col("event_type") == "search").otherwise(
+        F.col("_item").isNotNull())
+    row = matched.agg(F.count("*").alias("n"), F.sum(consistent.cast("long")).alias("ok")).first()
+    return share(row.ok or 0, row.n)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report.
+# --------------------------------------------------------------------------------------------------
+
+_COLORS = {HOLDOUT: "#222222", SYNTHETIC: "#d62728", TRAIN_RESAMPLE: "#1f77b4", INDEPENDENT: "#999999"}
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plots(profiles: Mapping[str, Profile], gap_bin_seconds: float) -> dict[str, str]:
+    """Base64 PNGs by title: event-type mix, session lengths, item popularity rank curve, gap CDF."""
+    from matplotlib.figure import Figure  # the object API renders with Agg; no pyplot global state
+
+    subjects = [s for s in SUBJECTS if s in profiles]
+    out: dict[str, str] = {}
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    types = sorted({t for s in subjects for t in profiles[s].event_types})
+    width = 0.8 / max(1, len(subjects))
+    for i, subject in enumerate(subjects):
+        total = profiles[subject].n_events or 1
+        ax.bar([x + i * width for x in range(len(types))],
+               [profiles[subject].event_types.get(t, 0) / total for t in types],
+               width, label=subject, color=_COLORS[subject])
+    ax.set_xticks([x + width * (len(subjects) - 1) / 2 for x in range(len(types))], types)
+    ax.set_ylabel("share of events")
+    ax.set_title("Event type mix")
+    ax.legend(fontsize=8)
+    out["Event type mix"] = _png(fig)
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    for subject in subjects:
+        hist = profiles[subject].lengths
+        total = sum(hist.values()) or 1
+        xs = sorted(hist)
+        ax.plot(xs, [hist[x] / total for x in xs], marker=".", label=subject, color=_COLORS[subject])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("session length (events)")
+    ax.set_ylabel("share of sessions")
+    ax.set_title("Session length distribution")
+    ax.legend(fontsize=8)
+    out["Session length distribution"] = _png(fig)
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    for subject in subjects:
+        counts = sorted(profiles[subject].items.values(), reverse=True)
+        total = sum(counts) or 1
+        ax.plot(range(1, len(counts) + 1), [c / total for c in counts], label=subject, color=_COLORS[subject])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("item rank")
+    ax.set_ylabel("share of item events")
+    ax.set_title("Item popularity rank curve")
+    ax.legend(fontsize=8)
+    out["Item popularity rank curve"] = _png(fig)
+
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
+    for subject in subjects:
+        hist = profiles[subject].gaps
+        total = sum(hist.values())
+        if not total:
+            continue
+        xs, ys, running = [], [], 0
+        for b in sorted(hist):
+            running += hist[b]
+            xs.append(max(b * gap_bin_seconds, gap_bin_seconds / 2))
+            ys.append(running / total)
+        ax.step(xs, ys, where="post", label=subject, color=_COLORS[subject])
+    ax.set_xscale("log")
+    ax.set_xlabel("gap between consecutive events (s)")
+    ax.set_ylabel("CDF")
+    ax.set_title("Time gaps within sessions")
+    ax.legend(fontsize=8)
+    out["Time gaps within sessions"] = _png(fig)
+    return out
+
+
+def render_report(run_id: str, rows: list[tuple[str, str, float, str]], images: Mapping[str, str],
+                  notes: Mapping[str, Any]) -> str:
+    """A self-contained HTML page: the metrics (metric x subject), their meaning, and the plots."""
+    metrics = list(dict.fromkeys(r[0] for r in rows))
+    values = {(r[0], r[1]): r[2] for r in rows}
+    esc = html.escape
+    head = "".join(f"<th>{esc(s)}</th>" for s in SUBJECTS)
+    body = "".join(
+        f"<tr><td><b>{esc(m)}</b></td>"
+        + "".join(f"<td>{_fmt(m, values[(m, s)])}</td>" if (m, s) in values else "<td>-</td>" for s in SUBJECTS)
+        + f"<td class=d>{esc(DESCRIPTIONS[m])}</td></tr>"
+        for m in metrics)
+    facts = "".join(f"<li>{esc(str(k))}: {esc(str(v))}</li>" for k, v in notes.items())
+    figures = "".join(f"<h2>{esc(title)}</h2><img alt=\"{esc(title)}\" src=\"data:image/png;base64,{data}\">"
+                      for title, data in images.items())
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>Synthetic sessions evaluation, run {esc(run_id)}</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td.d{{text-align:left;font-size:85%}}</style>
+</head><body>
+<h1>Synthetic sessions evaluation, run {esc(run_id)}</h1>
+<p>Every subject is compared with the held-out real sessions. train_resample (real train sessions) is the
+fidelity ceiling; independent_columns (length, event type, item and gap drawn independently from the train
+marginals) is the floor a generator has to beat.</p>
+<ul>{facts}</ul>
+<table><tr><th>metric</th>{head}<th>meaning</th></tr>{body}</table>
+{figures}
+</body></html>
+"""
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fmt(metric: str, value: float) -> str:
+    return f"{value:.0f}" if metric.startswith("n_") else f"{value:.4f}"
+
+
+def summary(rows: Iterable[tuple[str, str, float, str]]) -> str:
+    """The metrics as a small text table, metric x subject, for the log."""
+    values = {(r[0], r[1]): r[2] for r in rows}
+    metrics = list(dict.fromkeys(m for m, _ in values))
+    lines = [f"{'metric':<26}" + "".join(f"{s:>20}" for s in SUBJECTS)]
+    for m in metrics:
+        lines.append(f"{m:<26}" + "".join(
+            f"{_fmt(m, values[(m, s)]) if (m, s) in values else '-':>20}" for s in SUBJECTS))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage.
+# --------------------------------------------------------------------------------------------------
+
+def run(ctx) -> dict[str, int]:
+    cfg, spark, run_id = ctx.cfg, ctx.spark, ctx.run_id
+    bin_seconds = float(cfg.evaluate.gap_bin_seconds)
+    if bin_seconds <= 0:
+        raise ValueError(f"evaluate.gap_bin_seconds must be positive, not {bin_seconds}")
+    if int(cfg.evaluate.baseline_sessions) < 0:
+        raise ValueError(f"evaluate.baseline_sessions must be >= 0, not {cfg.evaluate.baseline_sessions}")
+
+    sessions = ctx.read("sessions").df
+    synthetic = ctx.read("synthetic_events").df.where(F.col("run_id") == run_id)
+    catalog = ctx.read("item_catalog").df
+    train = sessions.where(F.col("split") == "train")
+    holdout = sessions.where(F.col("split") == "holdout")
+
+    n_synthetic = synthetic.select("session_id").distinct().count()
+    if n_synthetic == 0:
+        raise RuntimeError(f"synthetic_events holds no rows for run {run_id}; run the generate stage first")
+    splits = {r.split: r["count"] for r in sessions.groupBy("split").count().collect()}
+    for split in ("train", "holdout"):
+        if not splits.get(split):
+            raise RuntimeError(f"sessions holds no {split} sessions; run the featurize stage first")
+    n_baseline = int(cfg.evaluate.baseline_sessions) or n_synthetic
+    seeds = {p: derive_seed(cfg.run.seed, run_id, p) for p in ("train_resample", "length", "event_type", "item", "gap")}
+
+    # train_resample: a deterministic sample of train sessions, as many as the baselines' size.
+    train_sample = (train.orderBy(F.xxhash64(F.lit(seeds["train_resample"]), "session_id"), "session_id")
+                    .limit(n_baseline))
+    lookups = inverse_cdf(train_marginals(train, bin_seconds)).persist()
+    events = (real_events(holdout, HOLDOUT, bin_seconds)
+              .unionByName(synthetic_events(synthetic, bin_seconds))
+              .unionByName(real_events(train_sample, TRAIN_RESAMPLE, bin_seconds))
+              .unionByName(independent_events(lookups, n_baseline, seeds, cfg.spark.shuffle_partitions))
+              .select(*EVENT_COLUMNS)
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    try:
+        profiles = collect_profiles(events, train)
+    finally:
+        events.unpersist()
+        lookups.unpersist()
+    consistency = catalog_consistency(synthetic, catalog)
+    rows = metric_rows(profiles, consistency)
+
+    metrics = spark.createDataFrame(rows, "metric string, subject string, value double, description string") \
+        .withColumn("run_id", F.lit(run_id))
+    version = ctx.write(metrics, "metrics", replace={"run_id": run_id}).version
+    log.info("evaluate: run %s metrics (metrics version %d):\n%s", run_id, version, summary(rows))
+
+    report = Path(cfg.evaluate.report_dir).expanduser().resolve() / run_id / "report.html"
+    notes = {"input versions": dict(ctx.input_versions), "metrics table version": version,
+             "baseline sessions": n_baseline, "gap bin (s)": bin_seconds, "seed": cfg.run.seed}
+    write_atomically(report, render_report(run_id, rows, plots(profiles, bin_seconds), notes))
+    ctx.artifacts["report"] = str(report)
+    log.info("evaluate: report at %s", report)
+    return {
+        "metrics": len(rows),
+        "synthetic_sessions": profiles[SYNTHETIC].n_sessions,
+        "synthetic_events": profiles[SYNTHETIC].n_events,
+        "holdout_sessions": profiles[HOLDOUT].n_sessions,
+        "holdout_events": profiles[HOLDOUT].n_events,
+        "baseline_sessions": n_baseline,
+    }
