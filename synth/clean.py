@@ -16,7 +16,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from synth.simulate import simulate
-from synth.sources import Layout, layout_for, read_raw
+from synth.sources import read_source
 
 log = logging.getLogger(__name__)
 
@@ -54,36 +54,34 @@ def hmac_sha256(key: bytes, message: Column) -> Column:
     return F.sha2(F.concat(F.unhex(F.lit(outer_pad)), inner), 256)
 
 
-def _typed(rows: DataFrame, layout: Layout, cfg) -> DataFrame:
-    """Type the raw rows and name the first rule each one breaks (reason null = valid)."""
-    event_types = F.create_map(*[F.lit(x) for pair in layout.event_types.items() for x in pair])
-    ts = F.try_to_timestamp(F.col("event_time"), F.lit(layout.time_format))
-    event_type = event_types[F.lower(F.col("event_type"))]
-    price = F.col("price").try_cast("double")
-    needs_item = event_type != F.lit("search")
+def _checked(rows: DataFrame, cfg) -> DataFrame:
+    """Name the first rule each raw row breaks (reason null = valid), with a detail for the reader."""
+    needs_item = F.col("event_type") != F.lit("search")
+    price = F.col("price_raw").try_cast("double")
     reason_detail = [
         (F.col("malformed").isNotNull(), "malformed_line", F.col("malformed")),
-        (F.col("event_time").isNull(), "missing_time", F.lit("no event time")),
-        (F.col("ts").isNull(), "bad_timestamp", F.concat(F.lit("unparseable time '"), F.col("event_time"), F.lit("'"))),
-        ((F.col("ts") < F.lit(str(cfg.clean.time_floor)).cast("timestamp"))
-         | (F.col("ts") > F.current_timestamp() + F.expr("INTERVAL 1 DAY")),
-         "impossible_timestamp", F.concat(F.lit("time "), F.col("event_time"), F.lit(" is before the floor or in the future"))),
-        (F.col("type").isNull(), "unknown_event_type",
-         F.concat(F.lit("event type '"), F.coalesce(F.col("event_type"), F.lit("")), F.lit("'"))),
+        (F.col("event_time_raw").isNull(), "missing_time", F.lit("no event time")),
+        (F.col("event_time").isNull(), "bad_timestamp",
+         F.concat(F.lit("unparseable time '"), F.col("event_time_raw"), F.lit("'"))),
+        ((F.col("event_time") < F.lit(str(cfg.clean.time_floor)).cast("timestamp"))
+         | (F.col("event_time") > F.current_timestamp() + F.expr("INTERVAL 1 DAY")),
+         "impossible_timestamp",
+         F.concat(F.lit("time "), F.col("event_time_raw"), F.lit(" is before the floor or in the future"))),
+        (F.col("event_type").isNull(), "unknown_event_type",
+         F.concat(F.lit("event type '"), F.coalesce(F.col("event_type_raw"), F.lit("")), F.lit("'"))),
         (F.col("user_id").isNull(), "missing_user", F.lit("no user id")),
         (F.col("needs_item") & F.col("item_id").isNull(), "missing_item", F.lit("no item id")),
         (F.col("needs_item") & F.col("price_value").isNull(), "bad_price",
-         F.concat(F.lit("unparseable price '"), F.coalesce(F.col("price"), F.lit("")), F.lit("'"))),
+         F.concat(F.lit("unparseable price '"), F.coalesce(F.col("price_raw"), F.lit("")), F.lit("'"))),
         (F.col("needs_item") & ((F.col("price_value") <= 0) | (F.col("price_value") > cfg.clean.max_price)),
-         "bad_price", F.concat(F.lit("price "), F.col("price"), F.lit(f" is not in (0, {cfg.clean.max_price}]"))),
+         "bad_price", F.concat(F.lit("price "), F.col("price_raw"), F.lit(f" is not in (0, {cfg.clean.max_price}]"))),
     ]
     reason = F.lit(None).cast("string")
     detail = F.lit(None).cast("string")
     for condition, code, text in reversed(reason_detail):
         reason = F.when(condition, F.lit(code)).otherwise(reason)
         detail = F.when(condition, text).otherwise(detail)
-    return (rows.withColumn("ts", ts).withColumn("type", event_type)
-            .withColumn("needs_item", F.coalesce(needs_item, F.lit(True)))
+    return (rows.withColumn("needs_item", F.coalesce(needs_item, F.lit(True)))
             .withColumn("price_value", price)
             .withColumn("reason", reason).withColumn("detail", detail))
 
@@ -113,7 +111,6 @@ def _sessionize(events: DataFrame, cfg, key: bytes) -> DataFrame:
 
 def run(ctx) -> dict[str, int]:
     cfg, spark = ctx.cfg, ctx.spark
-    layout = layout_for(cfg.input.source)
     raw_path = Path(cfg.input.path)
     if cfg.input.source == "simulator" and not any(raw_path.rglob("*.csv*")):
         simulate(spark, cfg, str(raw_path))
@@ -121,14 +118,15 @@ def run(ctx) -> dict[str, int]:
         raise FileNotFoundError(f"input.path {raw_path} does not exist")
     key = pseudonym_key(cfg)
 
-    rows, skipped = read_raw(spark, str(raw_path), layout)
-    typed = _typed(rows, layout, cfg).persist()
+    raw = read_source(spark, cfg)
+    skipped = raw.skipped
+    typed = _checked(raw.rows, cfg).persist()
     raw_count = typed.count()
     if raw_count == 0:
         raise ValueError(f"no raw rows under {raw_path} (only headers or blank lines?)")
 
     valid = typed.where(F.col("reason").isNull()).select(
-        F.col("ts").alias("event_time"), F.col("type").alias("event_type"), "user_id", "session_id",
+        "event_time", "event_type", "user_id", "session_id",
         F.when(F.col("needs_item"), F.col("item_id")).alias("item_id"), "category", "category_path",
         F.lower(F.col("brand")).alias("brand"),
         F.when(F.col("needs_item"), F.col("price_value")).alias("price"), "source_file", "raw_line")

@@ -1,11 +1,11 @@
-"""Raw input adapters: each turns a source's files into one raw-row DataFrame the clean stage types.
+"""Raw input adapters: each turns a source's files into one raw-row DataFrame the clean stage checks.
 
 Every adapter keeps the raw text of each row and its file, so a rejected row reaches quarantine
-unchanged. Its output has these string columns (null where a field is absent or empty):
-source_file, raw_line, malformed (a reason detail, null when the row has the expected shape),
-event_time, event_type, item_id, category, category_path, brand, price, user_id, session_id.
-The clean stage parses `event_time` with the adapter's `time_format` and maps `event_type` through
-its `event_types`.
+unchanged. `read_source` returns rows with these columns (strings null where absent or empty):
+- source_file, raw_line, malformed (what is wrong with the row's shape; null when it has the expected shape)
+- event_time_raw and event_time (the parsed timestamp; null when unparseable)
+- event_type_raw and event_type (the canonical view/cart/purchase/search; null when unmapped)
+- item_id, category, category_path, brand, price_raw, user_id, session_id
 """
 from __future__ import annotations
 
@@ -16,6 +16,9 @@ from pyspark.sql import functions as F
 
 RAW_COLUMNS = ("event_time", "event_type", "item_id", "category", "category_path", "brand", "price",
                "user_id", "session_id")
+SOURCE_COLUMNS = ("source_file", "raw_line", "malformed", "event_time_raw", "event_time", "event_type_raw",
+                  "event_type", "item_id", "category", "category_path", "brand", "price_raw", "user_id",
+                  "session_id")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,27 @@ def _field_count(line: Column, delimiter: str) -> Column:
 
 def _regex_escape(text: str) -> str:
     return "".join("\\" + c if c in r".^$*+?()[]{}|\/" else c for c in text)
+
+
+@dataclass
+class RawInput:
+    rows: DataFrame
+    skipped: DataFrame  # source_file, kind: lines that are not rows (headers, blank lines)
+
+
+def read_source(spark: SparkSession, cfg) -> RawInput:
+    """Read `cfg.input.path` with the adapter of `cfg.input.source`, in the columns the clean stage checks."""
+    layout = layout_for(cfg.input.source)
+    rows, skipped = read_raw(spark, str(cfg.input.path), layout)
+    event_types = F.create_map(*[F.lit(x) for pair in layout.event_types.items() for x in pair])
+    return RawInput(rows.select(
+        "source_file", "raw_line", "malformed",
+        F.col("event_time").alias("event_time_raw"),
+        F.try_to_timestamp(F.col("event_time"), F.lit(layout.time_format)).alias("event_time"),
+        F.col("event_type").alias("event_type_raw"),
+        event_types[F.lower(F.col("event_type"))].alias("event_type"),
+        "item_id", "category", "category_path", "brand", F.col("price").alias("price_raw"), "user_id",
+        "session_id"), skipped)
 
 
 def read_raw(spark: SparkSession, path: str, layout: Layout) -> tuple[DataFrame, DataFrame]:
