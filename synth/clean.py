@@ -87,26 +87,30 @@ def _checked(rows: DataFrame, cfg) -> DataFrame:
 
 
 def _sessionize(events: DataFrame, cfg, key: bytes) -> DataFrame:
-    """Session ids: the source's session where present, else inactivity-gap splits; long sessions capped."""
+    """Session ids: the source's session where present, else inactivity-gap splits; long sessions capped.
+
+    Sessions are also cut at UTC midnight, so that a date re-processed alone (incremental runs)
+    gets exactly the sessions a full run would give it.
+    """
     order = [F.col(c) for c in ("event_time", "event_type", "item_id", "price", "brand", "category")]
-    by_source_session = Window.partitionBy("user_id", "session_id").orderBy(*order)
+    events = events.withColumn("event_date", F.to_date("event_time"))
+    by_source_session = Window.partitionBy("user_id", "session_id", "event_date").orderBy(*order)
     gap = F.col("event_time").cast("long") - F.lag(F.col("event_time").cast("long")).over(by_source_session)
     starts = F.when(F.col("session_id").isNull() & (gap > cfg.clean.session_gap_minutes * 60), 1).otherwise(0)
     events = events.withColumn("_segment", F.sum(starts).over(
         by_source_session.rowsBetween(Window.unboundedPreceding, Window.currentRow)))
-    by_segment = Window.partitionBy("user_id", "session_id", "_segment").orderBy(*order)
+    by_segment = Window.partitionBy("user_id", "session_id", "event_date", "_segment").orderBy(*order)
     events = events.withColumn(
         "_part", F.floor((F.row_number().over(by_segment) - 1) / cfg.clean.max_session_events))
     session_key = F.concat_ws("|", F.col("user_id"), F.coalesce(F.col("session_id"), F.lit("")),
-                              F.col("_segment"), F.col("_part"))
+                              F.col("event_date"), F.col("_segment"), F.col("_part"))
     pseudonym = hmac_sha256(key, F.concat(F.lit("user|"), F.col("user_id")))
     events = (events
               .withColumn("session_id", F.concat(F.lit("s_"), F.substring(hmac_sha256(key, session_key), 1, 32)))
               .withColumn("user_id", F.concat(F.lit("u_"), F.substring(pseudonym, 1, 32)))
               .drop("_segment", "_part"))
     canonical = F.concat_ws("\x1f", *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in _CANONICAL])
-    return (events.withColumn("event_id", F.substring(F.sha2(canonical, 256), 1, 32))
-            .withColumn("event_date", F.to_date("event_time")))
+    return events.withColumn("event_id", F.substring(F.sha2(canonical, 256), 1, 32))
 
 
 def run(ctx) -> dict[str, int]:

@@ -67,10 +67,13 @@ def build_user_profiles(events: DataFrame) -> DataFrame:
         return F.count(F.when(F.col("event_type") == event_type, 1))
 
     last_event = events.agg(F.max("event_time")).first()[0]
-    categories = (events.where(F.col("category").isNotNull()).groupBy("user_id", "category").count()
-                  .withColumn("rank", F.row_number().over(
-                      Window.partitionBy("user_id").orderBy(F.desc("count"), "category")))
-                  .where("rank = 1").select("user_id", F.col("category").alias("top_category")))
+    ranked = (events.where(F.col("category").isNotNull()).groupBy("user_id", "category").count()
+              .withColumn("rank", F.row_number().over(
+                  Window.partitionBy("user_id").orderBy(F.desc("count"), "category")))
+              .withColumn("share", F.col("count") / F.sum("count").over(Window.partitionBy("user_id"))))
+    categories = ranked.where("rank <= 5").groupBy("user_id").agg(
+        F.min_by("category", "rank").alias("top_category"),
+        F.map_from_entries(F.collect_list(F.struct("category", "share"))).alias("category_affinity"))
     return (events.groupBy("user_id").agg(
         F.countDistinct("session_id").alias("n_sessions"), F.count("*").alias("n_events"),
         count_of("view").alias("n_views"), count_of("cart").alias("n_carts"),

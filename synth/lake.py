@@ -126,16 +126,20 @@ class Lake:
                 df = self.spark.createDataFrame([], spec.spark_schema())
         return Snapshot(table, pinned, df.select(*spec.names))
 
-    def write(self, df: DataFrame, table: str, *, app_id: str, replace: dict[str, str] | None = None,
+    def write(self, df: DataFrame, table: str, *, app_id: str,
+              replace: dict[str, str | list[str]] | None = None,
               metadata: dict[str, str] | None = None) -> Commit:
         """Commit `df` as `table` in one Delta transaction.
 
         replace=None overwrites the whole table; replace={"run_id": "x"} replaces only the
-        partitions with those values (every row of `df` must carry them), leaving the rest.
+        partitions with those values, and {"event_date": ["2026-11-01", ...]} the partitions with
+        any of them (every row of `df` must carry them), leaving the rest.
         """
         spec = contract(table)
         if replace and set(replace) - set(spec.partition_by):
             raise ValueError(f"{table}: can only replace by partition columns {spec.partition_by}")
+        replace = {k: sorted(map(str, v)) if isinstance(v, (list, tuple, set)) else [str(v)]
+                   for k, v in (replace or {}).items()}
         df = _conform(df, spec)
         started = time.time()
         if self.engine == "delta-spark":
@@ -153,7 +157,8 @@ class Lake:
         if spec.partition_by:
             writer = writer.partitionBy(*spec.partition_by)
         if replace:
-            writer = writer.option("replaceWhere", " AND ".join(f"{k} = '{v}'" for k, v in replace.items()))
+            writer = writer.option("replaceWhere", " AND ".join(
+                f"{k} IN ({', '.join(repr(v) for v in values)})" for k, values in replace.items()))
         writer.save(self.uri(spec.table))
         metrics = self.spark.sql(f"DESCRIBE HISTORY delta.`{self.uri(spec.table)}` LIMIT 1").first()
         operation = metrics.operationMetrics or {}
@@ -171,7 +176,7 @@ class Lake:
         adds = [AddAction(r.path, r.size, json.loads(r.partition_values), r.modification_time, True, r.stats)
                 for r in rows]
         if replace:
-            stray = [a.path for a in adds if any(a.partition_values.get(k) != v for k, v in replace.items())]
+            stray = [a.path for a in adds if any(a.partition_values.get(k) not in v for k, v in replace.items())]
             if stray:
                 raise ValueError(f"{spec.table}: rows outside the replaced partition {replace}: {stray[:3]}")
         props = CommitProperties(
@@ -185,7 +190,7 @@ class Lake:
                 partition_by=list(spec.partition_by) or None, name=spec.table, description=spec.comment,
                 commit_properties=props)
         else:
-            filters = [(k, "=", v) for k, v in replace.items()] if replace else None
+            filters = [(k, "in", v) for k, v in replace.items()] if replace else None
             DeltaTable(path).create_write_transaction(
                 adds, mode="overwrite", schema=spec.delta_schema(),
                 partition_by=list(spec.partition_by) or None, partition_filters=filters,

@@ -68,3 +68,15 @@ def test_holdout_split_follows_the_configured_share(spark, percent, expected):
     events = _events(spark, [(i, "view", f"s{i}", "a", "c", 1.0) for i in range(20)])
     catalog = build_item_catalog(events, None)
     assert {r.split for r in build_sessions(events, catalog, percent).collect()} == expected
+
+
+def test_user_profiles_count_activity_and_category_affinity(spark):
+    from synth.featurize import build_user_profiles
+
+    events = _events(spark, [(0, "view", "s1", "a", "c1", 2.0), (60, "cart", "s1", "a", "c1", 2.0),
+                             (120, "purchase", "s1", "a", "c1", 2.0), (86400, "view", "s2", "b", "c2", 5.0)])
+    profile = build_user_profiles(events).first()
+    assert (profile.n_sessions, profile.n_events, profile.n_views, profile.n_carts, profile.n_purchases) == (2, 4, 2, 1, 1)
+    assert profile.monetary == 2.0 and profile.recency_days == 0.0
+    assert profile.top_category == "c1"
+    assert profile.category_affinity == {"c1": 0.75, "c2": 0.25}
