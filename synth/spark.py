@@ -25,7 +25,8 @@ def build_session(cfg: Config) -> SparkSession:
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.shuffle.partitions", str(cfg.spark.shuffle_partitions))
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.ui.showConsoleProgress", "true")
+        # Progress bars help at a terminal and only litter scheduler logs.
+        .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())
     )
     # spark-submit starts Python with a gateway to its JVM; its --master and resources then win.
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
