@@ -90,13 +90,27 @@ def gap_bucket(gap: Column, edges: list[float]) -> Column:
     return F.size(F.filter(F.array(*[F.lit(float(e)) for e in edges]), lambda edge: edge < gap))
 
 
-def build_session_tokens(sessions: DataFrame, catalog: DataFrame, window: int, edges: list[float]) -> DataFrame:
+USER_CONTEXT = ("log1p(n_sessions)", "log1p(n_events)", "n_carts / n_events", "n_purchases / n_events",
+                "n_searches / n_events", "log1p(monetary)", "log1p(recency_days)")
+
+
+def user_context(profiles: DataFrame, catalog: DataFrame) -> DataFrame:
+    """Each user's profile as the session model's context vector (USER_CONTEXT) and top category id."""
+    categories = catalog.select(F.col("category").alias("top_category"),
+                                F.col("category_idx").alias("user_category_idx")).distinct()
+    return (profiles.join(F.broadcast(categories), "top_category", "left").select(
+        "user_id", F.array(*[F.expr(e).cast("float") for e in USER_CONTEXT]).alias("user_context"),
+        F.coalesce("user_category_idx", F.lit(0)).cast("int").alias("user_category_idx")))
+
+
+def build_session_tokens(sessions: DataFrame, catalog: DataFrame, contexts: DataFrame, window: int,
+                         edges: list[float]) -> DataFrame:
     """Windows of window + 2 tokens: [BOS] + events + [EOS], cut with half-window overlap, padded."""
     length = window + 2
     category_idx = catalog.select("category", "category_idx").distinct()
     token_map = F.create_map(*[F.lit(x) for pair in EVENT_TOKENS.items() for x in pair])
-    events = sessions.select(
-        "session_id", "split",
+    events = sessions.join(contexts, "user_id").select(
+        "session_id", "split", "user_context", "user_category_idx",
         F.transform("event_types", lambda t: token_map[t]).alias("event_type"),
         "item_idx",
         F.transform("gap_seconds", lambda g: gap_bucket(g, edges)).alias("gap_bucket"),
@@ -110,7 +124,7 @@ def build_session_tokens(sessions: DataFrame, catalog: DataFrame, window: int, e
         return F.concat(F.array(F.lit(bos)), F.col(column).cast("array<int>"), F.array(F.lit(eos)))
 
     tokens = events.select(
-        "session_id", "split", framed("event_type", BOS, EOS).alias("event_type"),
+        "session_id", "split", "user_context", "user_category_idx", framed("event_type", BOS, EOS).alias("event_type"),
         framed("item_idx", PAD, PAD).alias("item_idx"), framed("category_idx", PAD, PAD).alias("category_idx"),
         framed("gap_bucket", PAD, PAD).alias("gap_bucket"))
     total = F.size("event_type")
@@ -125,7 +139,8 @@ def build_session_tokens(sessions: DataFrame, catalog: DataFrame, window: int, e
     return windows.select(
         "session_id", F.col("window_start").cast("int"),
         F.least(total - F.col("window_start"), F.lit(length)).cast("int").alias("length"),
-        cut("event_type"), cut("item_idx"), cut("category_idx"), cut("gap_bucket"), "split")
+        cut("event_type"), cut("item_idx"), cut("category_idx"), cut("gap_bucket"), "user_context",
+        "user_category_idx", "split")
 
 
 def run(ctx) -> dict[str, int]:
@@ -139,8 +154,10 @@ def run(ctx) -> dict[str, int]:
     sessions_commit = ctx.write(sessions, "sessions")
     sessions = ctx.lake.read("sessions", sessions_commit.version).df
     profiles_commit = ctx.write(build_user_profiles(events), "user_profiles")
+    profiles = ctx.lake.read("user_profiles", profiles_commit.version).df
     # Several files per split so Petastorm can shard them across training processes.
-    tokens = build_session_tokens(sessions, catalog, cfg.window, cfg.gap_bucket_edges)
+    tokens = build_session_tokens(sessions, catalog, user_context(profiles, catalog), cfg.window,
+                                  cfg.gap_bucket_edges)
     tokens_commit = ctx.write(tokens.repartition(max(4, ctx.cfg.train.num_processes), "session_id"),
                               "session_tokens")
     return {"items": catalog_commit.rows, "sessions": sessions_commit.rows,

@@ -40,13 +40,15 @@ def test_sessions_are_ordered_with_gaps_and_tokens_are_framed(spark):
     assert s.event_types == ["view", "search", "cart"]
     assert s.gap_seconds == [0.0, 10.0, 20.0]
     assert s.item_idx == [1, 0, 1] and s.split == "train"
-    tokens = build_session_tokens(spark.createDataFrame([s]), catalog, window=4, edges=[0, 5, 15, 30]).collect()
+    contexts = spark.createDataFrame([("u1", [0.5] * 7, 1)], "user_id string, user_context array<float>, user_category_idx int")
+    tokens = build_session_tokens(spark.createDataFrame([s]), catalog, contexts, window=4, edges=[0, 5, 15, 30]).collect()
     assert len(tokens) == 1
     t = tokens[0]
     assert t.event_type == [BOS, 3, 6, 4, EOS, PAD]
     assert t.item_idx == [0, 1, 0, 1, 0, 0]
     assert t.gap_bucket == [0, 0, 2, 3, 0, 0]
     assert t.length == 5
+    assert t.user_context == [0.5] * 7 and t.user_category_idx == 1
 
 
 def test_long_sessions_become_overlapping_windows_covering_every_token(spark):
@@ -54,7 +56,8 @@ def test_long_sessions_become_overlapping_windows_covering_every_token(spark):
     events = _events(spark, rows)
     catalog = build_item_catalog(events, None)
     sessions = build_sessions(events, catalog, holdout_percent=0)
-    windows = sorted(build_session_tokens(sessions, catalog, window=4, edges=[0]).collect(),
+    contexts = spark.createDataFrame([("u1", [0.0] * 7, 0)], "user_id string, user_context array<float>, user_category_idx int")
+    windows = sorted(build_session_tokens(sessions, catalog, contexts, window=4, edges=[0]).collect(),
                      key=lambda r: r.window_start)
     assert [w.window_start for w in windows] == [0, 2, 4, 6]
     assert all(len(w.event_type) == 6 for w in windows)

@@ -34,15 +34,14 @@ def session_tokens_df(spark, n_train=120, n_holdout=30, seed=0):
             tokens += [(0, 0, 0)] * (WINDOW + 2 - len(tokens))
             category = [0 if i == 0 else (i - 1) % 3 + 1 for _, i, _ in tokens]
             rows.append((f"{split}-{s}", 0, len(events) + 2, [t for t, _, _ in tokens], [i for _, i, _ in tokens],
-                         category, [g for _, _, g in tokens], split))
+                         category, [g for _, _, g in tokens], [0.5] * 7, 1, split))
     return spark.createDataFrame(rows, "session_id string, window_start int, length int, event_type array<int>, "
                                        "item_idx array<int>, category_idx array<int>, gap_bucket array<int>, "
-                                       "split string")
+                                       "user_context array<float>, user_category_idx int, split string")
 
 
 def version_of(commit) -> int:
-    """lake.write returns a Commit (older versions of lake.py: the bare version number)."""
-    return int(getattr(commit, "version", commit))
+    return commit.version
 
 
 @pytest.fixture
