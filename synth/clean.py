@@ -123,9 +123,16 @@ def run(ctx) -> dict[str, int]:
     key = pseudonym_key(cfg)
 
     raw = read_source(spark, cfg)
-    skipped = raw.skipped
+    if raw.extra_columns:
+        log.warning("clean: ignoring source columns %s (not mapped to any event field)", raw.extra_columns)
+        ctx.artifacts["ignored_source_columns"] = ",".join(raw.extra_columns)
+    if raw.missing_optional:
+        log.warning("clean: the source has no %s; those event fields are null", raw.missing_optional)
+        ctx.artifacts["missing_optional_fields"] = ",".join(raw.missing_optional)
     typed = _checked(raw.rows, cfg).persist()
-    raw_count = typed.count()
+    counts = typed.groupBy(F.col("reason").isNull().alias("valid")).count().collect()
+    valid_count = sum(r["count"] for r in counts if r.valid)
+    raw_count = sum(r["count"] for r in counts)
     if raw_count == 0:
         raise ValueError(f"no raw rows under {raw_path} (only headers or blank lines?)")
 
@@ -134,28 +141,25 @@ def run(ctx) -> dict[str, int]:
         F.when(F.col("needs_item"), F.col("item_id")).alias("item_id"), "category", "category_path",
         F.lower(F.col("brand")).alias("brand"),
         F.when(F.col("needs_item"), F.col("price_value")).alias("price"), "source_file", "raw_line")
-    # Exact duplicates: the same canonical fields; keep the copy from the first file, count the rest.
-    deduplicated = (valid.groupBy(*_CANONICAL)
-                    .agg(F.min(F.struct("source_file", "raw_line")).alias("_first"), F.count("*").alias("_copies"))
-                    .select(*_CANONICAL, "_first.source_file", "_first.raw_line", "_copies")).persist()
-    duplicates = deduplicated.agg(F.sum(F.col("_copies") - 1)).first()[0] or 0
-
     limit = cfg.clean.bot_max_events_per_hour
-    bots = (deduplicated.groupBy("user_id", F.date_trunc("hour", "event_time").alias("hour")).count()
+    bots = (valid.groupBy("user_id", F.date_trunc("hour", "event_time").alias("hour")).count()
             .where(F.col("count") > limit).groupBy("user_id").agg(F.max("count").alias("peak")))
-    flagged = deduplicated.join(F.broadcast(bots), "user_id", "left")
+    flagged = valid.join(F.broadcast(bots), "user_id", "left")
+    # Every row of a bot-like user, its exact copies included, is quarantined with its raw text.
     bot_rows = flagged.where(F.col("peak").isNotNull()).select(
         F.lit("bot_user").alias("reason"),
         F.format_string(f"user made %d events in one hour (limit {limit})", F.col("peak")).alias("detail"),
         "source_file", "raw_line")
     quarantine = (typed.where(F.col("reason").isNotNull()).select("reason", "detail", "source_file", "raw_line")
                   .unionByName(bot_rows).withColumn("run_id", F.lit(ctx.run_id)))
-    by_reason = {r.reason: r["count"] for r in quarantine.groupBy("reason").count().collect()}
-    quarantined = ctx.write(quarantine, "quarantine", replace={"run_id": ctx.run_id}).rows
-
+    commit = ctx.write(quarantine, "quarantine", replace={"run_id": ctx.run_id})
+    quarantined = commit.rows
+    by_reason = {r.reason: r["count"] for r in ctx.lake.read("quarantine", commit.version).df
+                 .where(F.col("run_id") == ctx.run_id).groupBy("reason").count().collect()}
+    if raw_count != valid_count + quarantined - by_reason.get("bot_user", 0):
+        raise RuntimeError(f"row accounting does not add up: {raw_count} raw rows, {valid_count} valid, "
+                           f"{quarantined} quarantined ({by_reason.get('bot_user', 0)} of them valid bot rows)")
     share = quarantined / raw_count
-    log.info("clean: %d raw rows, %d quarantined (%.2f%%) by reason %s, %d duplicates",
-             raw_count, quarantined, 100 * share, by_reason, duplicates)
     if share > cfg.clean.max_quarantine_share:
         raise QuarantineThresholdExceeded(
             f"{quarantined} of {raw_count} raw rows ({100 * share:.1f}%) were quarantined, above "
@@ -163,15 +167,15 @@ def run(ctx) -> dict[str, int]:
             f"Inspect: SELECT reason, count(*) FROM delta.`{ctx.lake.uri('quarantine')}` "
             f"WHERE run_id = '{ctx.run_id}' GROUP BY reason")
 
-    clean = _sessionize(flagged.where(F.col("peak").isNull()).drop("peak", "_copies", "raw_line"), cfg, key)
-    clean_count = ctx.write(clean, "events").rows
+    # Exact duplicates share all canonical fields: one event is kept (from the first file).
+    events = (flagged.where(F.col("peak").isNull()).groupBy(*_CANONICAL)
+              .agg(F.min("source_file").alias("source_file")))
+    clean_count = ctx.write(_sessionize(events, cfg, key), "events").rows
     typed.unpersist()
-    deduplicated.unpersist()
+    duplicates = valid_count - by_reason.get("bot_user", 0) - clean_count
 
-    if raw_count != clean_count + quarantined + duplicates:
-        raise RuntimeError(f"row accounting does not add up: raw {raw_count} != clean {clean_count} + "
-                           f"quarantined {quarantined} + duplicates {duplicates}")
-    skipped_counts = {f"skipped_{r.kind}_lines": r["count"] for r in skipped.groupBy("kind").count().collect()}
+    skipped = {f"skipped_{r.kind}_lines": r["count"] for r in raw.skipped.groupBy("kind").count().collect()}
+    log.info("clean: quarantined %.2f%% of raw rows, by reason %s", 100 * share, by_reason)
     print(f"clean: raw {raw_count} = clean {clean_count} + quarantined {quarantined} + duplicates {duplicates}")
     return {"raw": raw_count, "clean": clean_count, "quarantined": quarantined, "duplicates": duplicates,
-            **{f"quarantined.{k}": v for k, v in by_reason.items()}, **skipped_counts}
+            **{f"quarantined.{k}": v for k, v in by_reason.items()}, **skipped}
