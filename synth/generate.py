@@ -16,6 +16,7 @@ import numpy as np
 from pyspark.sql import functions as F
 
 from synth.featurize import TOKEN_EVENTS
+from synth.model import check_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,12 @@ def _sampler(checkpoint_files, cfg, base_time: float):
             for shard in batch.column("id").to_pylist():
                 seed = shard_seed(cfg.run.seed, run_id, shard)
                 with torch.no_grad():
-                    out = model.sample(sizes[shard], torch.Generator().manual_seed(seed),
-                                       temperature=gen.temperature, top_k=gen.top_k, max_events=gen.max_events)
+                    generator = torch.Generator().manual_seed(seed)
+                    # User contexts resampled from the training contexts stored in the checkpoint.
+                    context, context_category = model.draw_contexts(sizes[shard], generator)
+                    out = model.sample(sizes[shard], generator, context=context, context_category=context_category,
+                                       temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
+                                       max_events=gen.max_events)
                 rng = np.random.default_rng(seed)
                 session = np.asarray(out["session"])
                 starts = base_time + rng.uniform(0, 86400, size=max(sizes[shard], 1))
@@ -97,11 +102,8 @@ def run(ctx) -> dict[str, int]:
         raise FileNotFoundError(f"no checkpoint for run {ctx.run_id} in {checkpoint}; run the train stage first")
     metadata = json.loads((checkpoint / "metadata.json").read_text())
     catalog = ctx.read("item_catalog").df
-    n_items = catalog.agg(F.max("item_idx")).first()[0] + 1
-    trained_items = metadata.get("vocab", {}).get("n_items", n_items)
-    if trained_items > n_items:
-        raise ValueError(f"checkpoint {checkpoint} knows {trained_items} items but item_catalog only "
-                         f"{n_items}: the vocabulary was rebuilt; retrain for this run")
+    sizes = catalog.agg(F.max("item_idx").alias("items"), F.max("category_idx").alias("categories")).first()
+    check_vocabulary(metadata, sizes["items"] + 1, sizes["categories"] + 1)
     last_real = ctx.read("sessions").df.agg(F.max("start_time")).first()[0]
     base = dt.datetime.combine(last_real.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()
 

@@ -6,21 +6,39 @@ against it with one Spark aggregation, and hands plain arguments (file URIs, siz
 GPU). Each process streams its share of the training windows straight from the Delta table's Parquet
 files through Petastorm; no event-level data passes through the driver. Rank 0 writes the checkpoint to
 <train.checkpoint_dir>/<run id>/ (model.pt + metadata.json).
+
+Fault tolerance: every train.checkpoint_every steps rank 0 atomically saves the training state (model,
+optimizer, step, curves, RNG) to <train.checkpoint_dir>/<run id>.train-state/; when a failed run is run
+again (the runner re-runs a stage that did not commit), training resumes from the newest state. Every
+train.eval_every steps the model is scored on the split=holdout windows; after train.patience evaluations
+without improvement it stops early, and the checkpoint keeps the best evaluated weights. The driver also
+derives the item -> brand id and item -> price bucket maps from the pinned catalogue and a sample of
+training user contexts; all travel inside the checkpoint, so generation needs nothing else.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
 
 from pyspark.sql import functions as F
 
+from synth.model import CONTEXT_DIM
+
 log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("event_type", "item_idx", "category_idx", "gap_bucket")
+CONTEXT_COLUMNS = ("user_context", "user_category_idx")
+READ_COLUMNS = TOKEN_COLUMNS + CONTEXT_COLUMNS
+STATE_PREFIX = "state-"  # training-state files <checkpoint_dir>/<run id>.train-state/state-<step>.pt
+KEEP_STATES = 2  # newest training states kept (the older one is the fallback if the newest is unreadable)
+
+# Fault injection for tests: called as _after_step(step) after every optimizer step of rank 0 when set.
+_after_step = None
 
 
 # ----- driver side ---------------------------------------------------------------------------------
@@ -32,7 +50,7 @@ def run(ctx) -> dict[str, int]:
     catalog = ctx.read("item_catalog")
 
     # Vocabulary from the catalogue, a small dimension table: collecting it to the driver is fine.
-    items = catalog.df.select("item_idx", "category_idx").toPandas()
+    items = catalog.df.select("item_idx", "category_idx", "brand", "price").toPandas()
     n_items = max(1, int(items["item_idx"].max()) + 1 if len(items) else 1)
     n_categories = max(1, int(items["category_idx"].max()) + 1 if len(items) else 1)
     if len(items) and (items["item_idx"].min() < 0 or items["category_idx"].min() < 0):
@@ -40,6 +58,8 @@ def run(ctx) -> dict[str, int]:
     item_category = [0] * n_items
     for item, category in zip(items["item_idx"].tolist(), items["category_idx"].tolist()):
         item_category[int(item)] = int(category)
+    item_brand, n_brands = brand_ids(items, n_items)
+    item_price_bucket, price_edges = price_buckets(items, n_items, int(cfg.train.price_buckets))
     n_gap_buckets = len(cfg.featurize.gap_bucket_edges) + 1
     window_tokens = cfg.featurize.window + 2  # BOS + window events + EOS
 
@@ -53,14 +73,25 @@ def run(ctx) -> dict[str, int]:
         *[F.min(F.array_min(c)).alias(f"min_{c}") for c in TOKEN_COLUMNS],
         *[F.max(F.array_max(c)).alias(f"max_{c}") for c in TOKEN_COLUMNS],
         F.min(F.size("event_type")).alias("min_len"), F.max(F.size("event_type")).alias("max_len"),
+        F.min("user_category_idx").alias("min_user_category_idx"),
+        F.max("user_category_idx").alias("max_user_category_idx"),
+        F.min(F.size("user_context")).alias("min_context"), F.max(F.size("user_context")).alias("max_context"),
     ).first()
     if not stats["windows"]:
         raise ValueError(f"session_tokens version {tokens.version} has no split=train windows to train on")
     _check_tokens(stats, tokens.version, window_tokens,
-                  {"event_type": 7, "item_idx": n_items, "category_idx": n_categories, "gap_bucket": n_gap_buckets})
+                  {"event_type": 7, "item_idx": n_items, "category_idx": n_categories, "gap_bucket": n_gap_buckets,
+                   "user_category_idx": n_categories})
+    # A deterministic sample of training contexts, stored in the checkpoint for generation to resample.
+    bank_rows = (train_df.orderBy(F.xxhash64("session_id", "window_start", F.lit(int(cfg.run.seed))))
+                 .select("user_context", "user_category_idx").limit(max(0, int(cfg.train.context_bank))).collect())
+    context_bank = [[float(x) for x in r.user_context] for r in bank_rows]
+    context_bank_category = [int(r.user_category_idx) for r in bank_rows]
 
     # Petastorm reads the table's Parquet files at the pinned version, split=train only.
-    files = [u for u in ctx.lake.files("session_tokens", tokens.version) if "/split=train/" in u]
+    all_files = ctx.lake.files("session_tokens", tokens.version)
+    files = [u for u in all_files if "/split=train/" in u]
+    holdout_files = [u for u in all_files if "/split=holdout/" in u]
     row_groups = _count_row_groups(files)
     world_size = cfg.train.num_processes
     # Petastorm shards by row group: with fewer row groups than ranks some ranks would get none (it
@@ -71,30 +102,44 @@ def run(ctx) -> dict[str, int]:
     model_config = {
         "n_event_types": 7, "n_items": n_items, "n_categories": n_categories, "n_gap_buckets": n_gap_buckets,
         "block_size": window_tokens - 1, "d_model": cfg.train.d_model, "n_layer": cfg.train.n_layer,
-        "n_head": cfg.train.n_head, "dropout": cfg.train.dropout,
+        "n_head": cfg.train.n_head, "dropout": cfg.train.dropout, "n_brands": n_brands,
+        "n_price_buckets": len(price_edges) + 2, "context_dim": CONTEXT_DIM,
     }
     checkpoint = Path(cfg.train.checkpoint_dir).expanduser().resolve() / ctx.run_id
     params = {
         "files": files,
         "shard": shard,
         "model_config": model_config,
-        "item_category": item_category,
+        "holdout_files": holdout_files,
+        "catalogue": {"item_category": item_category, "item_brand": item_brand,
+                      "item_price_bucket": item_price_bucket, "context_bank": context_bank,
+                      "context_bank_category": context_bank_category},
         "seed": int(cfg.run.seed),
         "learning_rate": float(cfg.train.learning_rate),
         "batch_size": int(cfg.train.batch_size),
         "max_steps": int(cfg.train.max_steps),
         "log_every": max(1, int(cfg.train.log_every)),
+        "checkpoint_every": max(0, int(cfg.train.checkpoint_every)),
+        "eval_every": max(0, int(cfg.train.eval_every)),
+        "patience": max(0, int(cfg.train.patience)),
+        "eval_windows": max(0, int(cfg.train.eval_windows)),
         "use_gpu": bool(cfg.train.use_gpu),
         "compile": bool(cfg.train.compile),
         "cpu_threads": max(0, int(cfg.train.cpu_threads)),
         "checkpoint_dir": str(checkpoint),
+        "state_dir": str(checkpoint.parent / f"{ctx.run_id}.train-state"),
         "metadata": {
             "run_id": ctx.run_id,
             "run_config": ctx.cfg.to_dict(),
             "seed": int(cfg.run.seed),
             "input_versions": dict(ctx.input_versions),
             "vocab": {"n_event_types": 7, "n_items": n_items, "n_categories": n_categories,
-                      "n_gap_buckets": n_gap_buckets},
+                      "n_gap_buckets": n_gap_buckets, "n_brands": n_brands,
+                      "n_price_buckets": len(price_edges) + 2},
+            "brand_ids": "sorted distinct item_catalog brands -> 1..n (0 = none)",
+            "price_bucket_edges": price_edges,
+            "context_bank_rows": len(context_bank),
+            "holdout_files": len(holdout_files),
             "train_windows": int(stats["windows"]),
             "train_events": int(stats["events"] or 0),
             "train_files": len(files),
@@ -132,11 +177,41 @@ def run(ctx) -> dict[str, int]:
     }
 
 
+def brand_ids(items, n_items: int) -> tuple[list[int], int]:
+    """(brand id per item_idx, brand vocabulary size): the catalogue's distinct brands in sorted order get
+    ids 1..n, items without a brand (and item 0) 0. Deterministic for a given catalogue version."""
+    brands = sorted({b for b in items["brand"].tolist() if isinstance(b, str)})
+    ids = {b: i + 1 for i, b in enumerate(brands)}
+    item_brand = [0] * n_items
+    for item, brand in zip(items["item_idx"].tolist(), items["brand"].tolist()):
+        item_brand[int(item)] = ids.get(brand, 0) if isinstance(brand, str) else 0
+    return item_brand, len(brands) + 1
+
+
+def price_buckets(items, n_items: int, buckets: int) -> tuple[list[int], list[float]]:
+    """(price bucket per item_idx, inner edges): `buckets` quantile buckets of the catalogue's prices,
+    numbered 1..buckets (a price equal to an edge goes up); 0 = no price (and item 0)."""
+    import numpy as np
+
+    prices = items["price"].to_numpy(dtype=float, na_value=np.nan)
+    known = np.isfinite(prices)
+    edges = (np.unique(np.quantile(prices[known], np.linspace(0, 1, max(1, buckets) + 1)[1:-1])).tolist()
+             if known.any() and buckets > 1 else [])
+    item_price = [0] * n_items
+    found = np.searchsorted(np.asarray(edges, dtype=float), prices, side="right") + 1
+    for item, ok, bucket in zip(items["item_idx"].tolist(), known.tolist(), found.tolist()):
+        item_price[int(item)] = int(bucket) if ok else 0
+    return item_price, [float(e) for e in edges]
+
+
 def _check_tokens(stats, version: int, window_tokens: int, sizes: dict[str, int]) -> None:
     problems = []
     if stats["min_len"] != window_tokens or stats["max_len"] != window_tokens:
         problems.append(f"token arrays have {stats['min_len']}..{stats['max_len']} entries, expected "
                         f"featurize.window + 2 = {window_tokens}")
+    if stats["min_context"] != CONTEXT_DIM or stats["max_context"] != CONTEXT_DIM:
+        problems.append(f"user_context arrays have {stats['min_context']}..{stats['max_context']} entries, "
+                        f"expected {CONTEXT_DIM} (featurize.USER_CONTEXT)")
     for column, size in sizes.items():
         low, high = stats[f"min_{column}"], stats[f"max_{column}"]
         if low is None or low < 0 or high >= size:
@@ -188,39 +263,123 @@ def _package_importable():
 
 
 def _batches(reader, batch_size: int, rng, buffer_rows: int):
-    """Endless random batches {column: int64 array [batch_size, tokens]} from a Petastorm batch reader,
-    through a shuffle buffer of at least `buffer_rows` windows (row groups are read whole)."""
+    """Endless random batches {column: array [batch_size, ...]} from a Petastorm batch reader, through a
+    shuffle buffer of at least `buffer_rows` windows (row groups are read whole)."""
     import numpy as np
 
     pool = None
     target = max(buffer_rows, batch_size)
     while True:
         while pool is None or len(pool["event_type"]) < target:
-            chunk = next(reader)
-            arrays = {c: _stack(getattr(chunk, c)) for c in TOKEN_COLUMNS}
+            arrays = _arrays(next(reader))
             if len(arrays["event_type"]) == 0:
                 continue
-            pool = arrays if pool is None else {c: np.concatenate([pool[c], arrays[c]]) for c in TOKEN_COLUMNS}
+            pool = arrays if pool is None else {c: np.concatenate([pool[c], arrays[c]]) for c in READ_COLUMNS}
         n = len(pool["event_type"])
         take = rng.choice(n, size=batch_size, replace=False)
         keep = np.ones(n, dtype=bool)
         keep[take] = False
-        yield {c: pool[c][take] for c in TOKEN_COLUMNS}
-        pool = {c: pool[c][keep] for c in TOKEN_COLUMNS}
+        yield {c: pool[c][take] for c in READ_COLUMNS}
+        pool = {c: pool[c][keep] for c in READ_COLUMNS}
 
 
-def _stack(column):
-    """A Petastorm array column (an object array of equal-length arrays, or already 2-D) as int64 [rows, tokens]."""
+def _arrays(chunk) -> dict:
+    """One Petastorm chunk as numpy: token columns int64 [rows, tokens], user_context float32
+    [rows, 7], user_category_idx int64 [rows]."""
     import numpy as np
 
+    arrays = {c: _stack(getattr(chunk, c)) for c in TOKEN_COLUMNS}
+    arrays["user_context"] = _stack(chunk.user_context, np.float32).reshape(-1, CONTEXT_DIM)
+    arrays["user_category_idx"] = np.asarray(chunk.user_category_idx, dtype=np.int64).reshape(-1)
+    return arrays
+
+
+def _stack(column, dtype=None):
+    """A Petastorm array column (an object array of equal-length arrays, or already 2-D) as [rows, n]."""
+    import numpy as np
+
+    dtype = dtype or np.int64
     if isinstance(column, np.ndarray) and column.dtype != object:
-        return column.astype(np.int64, copy=False)
-    return np.stack([np.asarray(v, dtype=np.int64) for v in column]) if len(column) else np.zeros((0, 0), np.int64)
+        return column.astype(dtype, copy=False)
+    return np.stack([np.asarray(v, dtype=dtype) for v in column]) if len(column) else np.zeros((0, 0), dtype)
+
+
+def _read_holdout(files: list[str], limit: int) -> dict | None:
+    """Up to `limit` holdout windows (the first ones, in file order: the same set on every rank and run)."""
+    import numpy as np
+    from petastorm import make_batch_reader
+
+    if not files or limit <= 0:
+        return None
+    parts, rows = [], 0
+    with make_batch_reader(sorted(files), schema_fields=list(READ_COLUMNS), num_epochs=1, shuffle_row_groups=False,
+                           reader_pool_type="dummy") as reader:
+        for chunk in reader:
+            arrays = _arrays(chunk)
+            if len(arrays["event_type"]):
+                parts.append(arrays)
+                rows += len(arrays["event_type"])
+            if rows >= limit:
+                break
+    if not rows:
+        return None
+    return {c: np.concatenate([p[c] for p in parts])[:limit] for c in READ_COLUMNS}
+
+
+def _state_files(state_dir: str) -> list:
+    """Training-state files of a run, newest step first."""
+    folder = Path(state_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob(f"{STATE_PREFIX}*.pt"), reverse=True)
+
+
+def save_state(state_dir: str, step: int, state: dict) -> Path:
+    """Write the training state atomically (temporary file, fsync, rename) as state-<step>.pt and keep
+    only the newest KEEP_STATES files."""
+    import torch
+
+    folder = Path(state_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{STATE_PREFIX}{step:09d}.pt"
+    staging = folder / f".{target.name}.tmp-{os.getpid()}"
+    with open(staging, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(staging, target)
+    for old in _state_files(state_dir)[KEEP_STATES:]:
+        old.unlink(missing_ok=True)
+    return target
+
+
+def load_latest_state(state_dir: str, model_config: dict) -> tuple[dict | None, str | None]:
+    """The newest readable training state of the same model configuration, and its path (None, None
+    when there is none). An unreadable file (a crash mid-write cannot leave one, a bad disk can) is
+    skipped for the one before it."""
+    import torch
+
+    for path in _state_files(state_dir):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to the previous one
+            log.warning("train: skipping unreadable training state %s: %s", path, exc)
+            continue
+        if state.get("model_config") != model_config:
+            log.warning("train: ignoring training state %s: it was written for another model configuration", path)
+            return None, None
+        return state, str(path)
+    return None, None
 
 
 def train_fn(params: dict) -> dict | None:
     """One training process (DDP rank). Takes and returns plain picklable values: the checkpoint
-    metadata written by rank 0, plus the checkpoint path (every rank returns rank 0's copy)."""
+    metadata written by rank 0, plus the checkpoint path (every rank returns rank 0's copy).
+
+    Rank 0 saves the training state (model, optimizer, step, curves, RNG) every `checkpoint_every` steps
+    under `state_dir`; a new attempt of the same run resumes from the newest one. Every `eval_every`
+    steps the model is scored on a fixed set of holdout windows; after `patience` evaluations without
+    improvement training stops early, and the final checkpoint holds the best evaluated weights."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -254,11 +413,39 @@ def train_fn(params: dict) -> dict | None:
         if rank == 0:
             print(f"[train rank 0/{world_size}] {message}", flush=True)
 
+    def all_sum(values: torch.Tensor) -> torch.Tensor:
+        if world_size == 1:
+            return values
+        summed = values.to(device)  # gloo reduces CPU tensors, nccl GPU tensors
+        dist.all_reduce(summed)
+        return summed.cpu()
+
     reader = None
     try:
         torch.manual_seed(params["seed"])
         cfg = SessionModelConfig(**params["model_config"])
-        model = SessionModel(cfg, item_category=params["item_category"]).to(device)
+        model = SessionModel(cfg, **params["catalogue"]).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=params["learning_rate"])
+
+        # Resume: every rank loads the same newest state (rank 0 wrote it) before DDP wraps the model.
+        state, state_path = load_latest_state(params["state_dir"], params["model_config"])
+        start_step = 0
+        loss_curve: list[list[float]] = []
+        val_curve: list[list[float]] = []
+        best = {"loss": float("inf"), "step": 0, "state": None, "bad_evals": 0}
+        resumed_from: list[int] = []
+        total_events, train_seconds = 0.0, 0.0
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_step = int(state["step"])
+            loss_curve, val_curve = state["loss_curve"], state["val_curve"]
+            best = state["best"]
+            resumed_from = state["resumed_from"] + [start_step]
+            total_events, train_seconds = state["total_events"], state["train_seconds"]
+            torch.set_rng_state(state["torch_rng"])
+            say(f"resuming from step {start_step} ({state_path})")
+
         net = model
         if world_size > 1:
             net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
@@ -267,25 +454,47 @@ def train_fn(params: dict) -> dict | None:
         # bf16 autocast on GPUs that support it; full precision on CPU.
         use_amp = use_cuda and torch.cuda.is_bf16_supported()
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-        optimizer = torch.optim.Adam(model.parameters(), lr=params["learning_rate"])
+
+        holdout = _read_holdout(params["holdout_files"], params["eval_windows"]) if params["eval_every"] else None
+        # Each rank scores its share of the holdout windows; the sums are reduced, so all ranks agree.
+        if holdout is not None:
+            holdout = {c: torch.from_numpy(v[rank::world_size]) for c, v in holdout.items()}
+
+        def evaluate() -> float:
+            model.eval()
+            totals = torch.zeros(2, dtype=torch.float64)
+            with torch.no_grad(), autocast():
+                n = len(holdout["event_type"])
+                for lo in range(0, n, params["batch_size"]):
+                    batch = {c: v[lo:lo + params["batch_size"]].to(device) for c, v in holdout.items()}
+                    _, loss = model(**split_window(batch))
+                    totals += torch.tensor([float(loss) * len(batch["event_type"]), len(batch["event_type"])],
+                                           dtype=torch.float64)
+            model.train()
+            totals = all_sum(totals)
+            return float(totals[0] / max(float(totals[1]), 1.0))
 
         shard = {"cur_shard": rank, "shard_count": world_size} if params["shard"] and world_size > 1 else {}
         # The same seed on every rank: Petastorm shuffles row groups with it before dealing them out
-        # to shards, so the shards only partition the data when all ranks agree on it.
-        reader = make_batch_reader(params["files"], schema_fields=list(TOKEN_COLUMNS), num_epochs=None,
-                                   seed=params["seed"], shuffle_row_groups=True, reader_pool_type="thread",
-                                   workers_count=2, **shard)
-        rng = np.random.default_rng([params["seed"], rank])
+        # to shards, so the shards only partition the data when all ranks agree on it. A resumed attempt
+        # reseeds with its start step, so it does not replay the batches of the first attempt.
+        reader = make_batch_reader(params["files"], schema_fields=list(READ_COLUMNS), num_epochs=None,
+                                   seed=params["seed"] + start_step, shuffle_row_groups=True,
+                                   reader_pool_type="thread", workers_count=2, **shard)
+        rng = np.random.default_rng([params["seed"], rank, start_step])
         batches = _batches(reader, params["batch_size"], rng, buffer_rows=8 * params["batch_size"])
         say(f"{model.num_parameters():,} parameters on {device}; {len(params['files'])} files"
-            f"{' sharded' if shard else ''}; {params['max_steps']} steps of {params['batch_size']} windows")
+            f"{' sharded' if shard else ''}; {params['max_steps']} steps of {params['batch_size']} windows; "
+            f"{0 if holdout is None else len(holdout['event_type']) * world_size} holdout windows")
 
-        loss_curve: list[list[float]] = []
         interval = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, events (this rank)
-        total_events = 0.0
         train_clock = interval_clock = time.time()
+        seconds_before = train_seconds
+        stopped_early = False
+        step = start_step
         net.train()
-        for step in range(1, params["max_steps"] + 1):
+        while step < params["max_steps"]:
+            step += 1
             batch = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in next(batches).items()}
             inputs = split_window(batch)
             with autocast():
@@ -297,11 +506,9 @@ def train_fn(params: dict) -> dict | None:
             target = inputs["target_event_type"]
             interval += torch.tensor([loss.item(), 1.0, float(((target >= 3) & (target <= 6)).sum())],
                                      dtype=torch.float64)
-            if step == 1 or step % params["log_every"] == 0 or step == params["max_steps"]:
-                if world_size > 1:
-                    summed = interval.to(device)  # gloo reduces CPU tensors, nccl GPU tensors
-                    dist.all_reduce(summed)
-                    interval = summed.cpu()
+            last = step == params["max_steps"]
+            if step == start_step + 1 or step % params["log_every"] == 0 or last:
+                interval = all_sum(interval)
                 now = time.time()
                 mean_loss = float(interval[0] / interval[1])
                 events_per_s = float(interval[2]) / max(now - interval_clock, 1e-9)
@@ -310,13 +517,45 @@ def train_fn(params: dict) -> dict | None:
                 say(f"step {step}/{params['max_steps']} loss {mean_loss:.4f} {events_per_s:,.0f} events/s")
                 interval.zero_()
                 interval_clock = now
-        train_seconds = time.time() - train_clock
+            if holdout is not None and (step % params["eval_every"] == 0 or last):
+                val = evaluate()
+                val_curve.append([step, round(val, 6)])
+                if val < best["loss"]:
+                    best = {"loss": val, "step": step, "bad_evals": 0,
+                            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                else:
+                    best["bad_evals"] += 1
+                say(f"step {step}/{params['max_steps']} val_loss {val:.4f} (best {best['loss']:.4f} at step "
+                    f"{best['step']})")
+                if params["patience"] and best["bad_evals"] >= params["patience"] and not last:
+                    stopped_early = True
+                    say(f"early stop at step {step}: no improvement in {params['patience']} evaluations")
+            if rank == 0 and params["checkpoint_every"] and step % params["checkpoint_every"] == 0 and not last \
+                    and not stopped_early:
+                save_state(params["state_dir"], step, {
+                    "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model_config": params["model_config"], "loss_curve": loss_curve, "val_curve": val_curve,
+                    "best": best, "resumed_from": resumed_from, "total_events": total_events,
+                    "train_seconds": seconds_before + time.time() - train_clock,
+                    "torch_rng": torch.get_rng_state()})
+            if rank == 0 and _after_step is not None:
+                _after_step(step)
+            if stopped_early:
+                break
+        train_seconds = seconds_before + time.time() - train_clock
+        if interval[1] > 0:  # steps since the last progress line (early stop between lines)
+            interval = all_sum(interval)
+            total_events += float(interval[2])
+            loss_curve.append([step, round(float(interval[0] / interval[1]), 6)])
 
         result = None
         if rank == 0:
+            if best["state"] is not None:
+                model.load_state_dict(best["state"])  # the best evaluated weights
             metadata = {
                 **params["metadata"],
-                "steps": params["max_steps"],
+                "steps": step,
+                "max_steps": params["max_steps"],
                 "batch_size": params["batch_size"],
                 "learning_rate": params["learning_rate"],
                 "world_size": world_size,
@@ -328,12 +567,23 @@ def train_fn(params: dict) -> dict | None:
                 "loss_curve": loss_curve,
                 "initial_loss": loss_curve[0][1],
                 "final_loss": loss_curve[-1][1],
+                "val_curve": val_curve,
+                "best_val_loss": None if best["state"] is None else best["loss"],
+                "best_step": None if best["state"] is None else best["step"],
+                "weights_from_step": best["step"] if best["state"] is not None else step,
+                "stopped_early": stopped_early,
+                "eval_every": params["eval_every"],
+                "patience": params["patience"],
+                "checkpoint_every": params["checkpoint_every"],
+                "resumed_from_steps": resumed_from,
                 "events_per_s": total_events / max(train_seconds, 1e-9),
                 "train_seconds": train_seconds,
                 "wall_seconds": time.time() - started,
                 "torch_version": torch.__version__,
             }
             path = save_checkpoint(model, params["checkpoint_dir"], metadata)
+            # The run is done: its training states would only make a forced re-run resume at the end.
+            shutil.rmtree(params["state_dir"], ignore_errors=True)
             say(f"checkpoint written to {path}")
             result = {**metadata, "checkpoint": str(path)}
         if world_size > 1:

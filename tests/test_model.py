@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from synth.model import (CheckpointError, SessionModel, SessionModelConfig, load_checkpoint, save_checkpoint,
-                         split_window)
+from synth.model import (CheckpointError, SessionModel, SessionModelConfig, VocabularyError, check_vocabulary,
+                         load_checkpoint, save_checkpoint, split_window)
 
 ITEM_CATEGORY = [0, 1, 1, 2, 2, 3]  # item 0 = none; items 1..5
+ITEM_BRAND = [0, 1, 2, 1, 2, 1]
+ITEM_PRICE = [0, 1, 2, 3, 1, 2]
+CATALOGUE = {"item_category": ITEM_CATEGORY, "item_brand": ITEM_BRAND, "item_price_bucket": ITEM_PRICE}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,7 +27,7 @@ def one_thread():
 
 def tiny_config(**overrides) -> SessionModelConfig:
     base = dict(n_items=6, n_categories=4, n_gap_buckets=5, block_size=9, d_model=32, n_layer=1, n_head=2,
-                dropout=0.0)
+                dropout=0.0, n_brands=3, n_price_buckets=4)
     base.update(overrides)
     return SessionModelConfig(**base)
 
@@ -47,7 +50,7 @@ ENDLESS = {k: torch.cat([_FIRST[k], _LATER[k]]) for k in _FIRST}
 
 def train(batch, steps=80, seed=0, **overrides) -> tuple[SessionModel, list[float]]:
     torch.manual_seed(seed)
-    model = SessionModel(tiny_config(**overrides), item_category=ITEM_CATEGORY)
+    model = SessionModel(tiny_config(**overrides), **CATALOGUE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(steps):
@@ -66,7 +69,7 @@ def trained():
 
 def test_loss_decreases_on_repeated_pattern(trained):
     model, losses = trained
-    # Untrained: about ln(7) + ln(6) + ln(5) = 5.4; the pattern is deterministic, so it can go near 0.
+    # Untrained: about ln(7) + ln(4) + ln(2) + ln(5) = 5.6 (event, category, item within category, gap); the pattern is deterministic, so it can go near 0.
     assert losses[0] > 4.0
     assert losses[-1] < 0.5 * losses[0]
     assert losses[-1] < 0.3
@@ -97,7 +100,7 @@ def test_loss_ignores_padding_and_handles_no_item_targets():
 
 def test_sample_is_deterministic_and_valid():
     torch.manual_seed(1)
-    model = SessionModel(tiny_config(dropout=0.1), item_category=ITEM_CATEGORY)  # untrained: varied output
+    model = SessionModel(tiny_config(dropout=0.1), **CATALOGUE)  # untrained: varied output
     a = model.sample(50, torch.Generator().manual_seed(7), max_events=12)
     b = model.sample(50, torch.Generator().manual_seed(7), max_events=12)
     c = model.sample(50, torch.Generator().manual_seed(8), max_events=12)
@@ -203,3 +206,99 @@ def test_checkpoint_of_wrapped_model(tmp_path):
     save_checkpoint(wrapper, tmp_path / "ckpt", {})
     loaded, _ = load_checkpoint(tmp_path / "ckpt")
     assert torch.equal(loaded.item_emb.weight, model.item_emb.weight)
+
+
+def _untrained(seed=1, **overrides) -> SessionModel:
+    torch.manual_seed(seed)
+    model = SessionModel(tiny_config(**overrides), **CATALOGUE)
+    with torch.no_grad():  # larger weights than the init, so the untrained model's choices vary a lot
+        for p in model.parameters():
+            p.mul_(20.0)
+    return model
+
+
+@pytest.mark.parametrize("stride", [None, 1])
+def test_cached_sampling_equals_uncached(stride):
+    model = _untrained()
+    context = torch.randn(40, 7, generator=torch.Generator().manual_seed(0))
+    kwargs = dict(context=context, context_category=torch.arange(40) % 4, max_events=25, top_p=0.95,
+                  temperature=1.3, window_stride=stride)  # 25 events > block_size 9: the window slides
+    a = model.sample(40, torch.Generator().manual_seed(5), use_cache=True, **kwargs)
+    b = model.sample(40, torch.Generator().manual_seed(5), use_cache=False, **kwargs)
+    assert len(a["session"]) > 40 and a["position"].max() >= 9
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+
+
+def test_sampled_items_belong_to_the_sampled_category_and_top_p():
+    model = _untrained()
+    out = model.sample(60, torch.Generator().manual_seed(2), max_events=10)
+    has_item = np.isin(out["event_type"], [3, 4, 5])
+    assert has_item.any() and (out["item_idx"][has_item] > 0).all()
+    # The item head scores only the chosen category's items: [positions, largest category].
+    h = torch.zeros(3, 32)
+    assert model.item_logits(h, torch.tensor([1, 2, 3])).shape == (3, 2)
+    assert torch.isinf(model.item_logits(h, torch.tensor([3]))[0, 1])  # category 3 has one item: padding
+    # The per-category loss equals the padded-table scores' cross-entropy.
+    h = torch.randn(7, 32, generator=torch.Generator().manual_seed(0))
+    items = torch.tensor([1, 2, 3, 4, 5, 5, 1])
+    category = model.item_category[items]
+    expected = torch.nn.functional.cross_entropy(model.item_logits(h, category), model.item_slot[items],
+                                                 reduction="sum")
+    assert torch.allclose(model.item_cross_entropy(h, category, model.item_slot[items]), expected, rtol=1e-5)
+    # A tiny nucleus keeps only the most likely value: the same as greedy.
+    a = model.sample(10, torch.Generator().manual_seed(1), top_p=1e-6, max_events=8)
+    b = model.sample(10, torch.Generator().manual_seed(2), top_k=1, max_events=8)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="top_p"):
+        model.sample(2, torch.Generator(), top_p=0.0)
+
+
+def test_context_conditions_the_sessions():
+    """Two user types, told apart only by their context, with different habits: the model learns both."""
+    first = windows([1, 3, 4, 5, 2, 0, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    second = windows([1, 6, 3, 2, 0, 0, 0, 0, 0, 0], [0, 0, 5, 0, 0, 0, 0, 0, 0, 0], [0, 2, 3, 0, 0, 0, 0, 0, 0, 0])
+    batch = {k: torch.cat([first[k], second[k]]) for k in first}
+    batch["user_context"] = torch.cat([torch.zeros(8, 7), torch.ones(8, 7)])
+    batch["user_category_idx"] = torch.tensor([1] * 8 + [3] * 8)
+    model, losses = train(batch, steps=80)
+    assert losses[-1] < 0.3
+    out = model.sample(4, torch.Generator().manual_seed(0), context=np.array([[0.0] * 7, [1.0] * 7] * 2),
+                       context_category=np.array([1, 3, 1, 3]), top_k=1)
+    for s in range(4):
+        rows = out["session"] == s
+        expected = ([3, 4, 5], [1, 1, 1]) if s % 2 == 0 else ([6, 3], [0, 5])
+        assert (out["event_type"][rows].tolist(), out["item_idx"][rows].tolist()) == expected
+    with pytest.raises(ValueError, match="context has 2 rows for 4 sessions"):
+        model.sample(4, torch.Generator(), context=np.zeros((2, 7)))
+
+
+def test_brand_and_price_buffers_feed_the_input():
+    model = _untrained()
+    tokens = windows([1, 3, 3, 2, 0, 0, 0, 0, 0, 0], [0, 1, 3, 0, 0, 0, 0, 0, 0, 0], [0] * 10, copies=1)
+    before = model(**split_window(tokens))[0]["event_type"]
+    with torch.no_grad():
+        model.item_brand[3] = 2  # item 3 now has item 2's brand
+    after = model(**split_window(tokens))[0]["event_type"]
+    assert torch.equal(before[:, :2], after[:, :2]) and not torch.equal(before[:, 2:], after[:, 2:])
+    with pytest.raises(ValueError, match="item_brand"):
+        SessionModel(tiny_config(), item_category=ITEM_CATEGORY, item_brand=[0, 1, 2, 3, 1, 1])
+
+
+def test_context_bank_and_vocabulary_check(tmp_path):
+    bank = np.arange(21, dtype=np.float32).reshape(3, 7)
+    model = SessionModel(tiny_config(), **CATALOGUE, context_bank=bank, context_bank_category=[1, 2, 3])
+    save_checkpoint(model, tmp_path / "ckpt", {"vocab": {"n_items": 6, "n_categories": 4}, "run_id": "r1"})
+    loaded, metadata = load_checkpoint(tmp_path / "ckpt")
+    assert loaded.item_brand.tolist() == ITEM_BRAND and loaded.item_price_bucket.tolist() == ITEM_PRICE
+    context, category = loaded.draw_contexts(50, torch.Generator().manual_seed(0))
+    assert context.shape == (50, 7) and set(category.tolist()) == {1, 2, 3}
+    assert np.array_equal(context, bank[category - 1])
+    assert SessionModel(tiny_config(), **CATALOGUE).draw_contexts(2, torch.Generator())[0].shape == (2, 7)
+
+    check_vocabulary(metadata, n_items=6, n_categories=4)
+    check_vocabulary(metadata, n_items=9, n_categories=5)  # appended ids: still compatible
+    with pytest.raises(VocabularyError, match="run r1 was trained on 6 items but the catalogue has only 5"):
+        check_vocabulary(metadata, n_items=5, n_categories=4)
+    with pytest.raises(VocabularyError, match="4 categories but the catalogue has only 3"):
+        check_vocabulary(metadata, n_items=6, n_categories=3)

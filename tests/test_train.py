@@ -80,9 +80,20 @@ def test_train_stage_writes_a_checkpoint_that_learned(spark, tiny_lake, make_cfg
     assert metadata["seed"] == cfg.run.seed
     assert metadata["run_config"]["train"]["max_steps"] == 20
     assert metadata["vocab"] == {"n_event_types": 7, "n_items": N_ITEMS + 1, "n_categories": 4,
-                                 "n_gap_buckets": len(cfg.featurize.gap_bucket_edges) + 1}
+                                 "n_gap_buckets": len(cfg.featurize.gap_bucket_edges) + 1, "n_brands": 2,
+                                 "n_price_buckets": 11}
     assert model.config.block_size == WINDOW + 1 and model.config.d_model == 32
     assert model.item_category.tolist() == [0] + [(i - 1) % 3 + 1 for i in range(1, N_ITEMS + 1)]
+    # Brand ids and price quantile buckets from the catalogue, stored in the checkpoint.
+    assert model.item_brand.tolist() == [0] + [1] * N_ITEMS and metadata["vocab"]["n_brands"] == 2
+    prices = model.item_price_bucket.tolist()
+    assert prices[0] == 0 and prices[1:] == sorted(prices[1:]) and prices[1] == 1 and prices[-1] == 10
+    assert model.config.n_price_buckets == 11 and len(metadata["price_bucket_edges"]) == 9
+    assert model.context_bank.shape == (120, 7) and set(model.context_bank_category.tolist()) == {1}
+    # Scored on the holdout windows at the last step (eval_every 50 > 20 steps); no state left behind.
+    assert [step for step, _ in metadata["val_curve"]] == [20] and metadata["best_step"] == 20
+    assert metadata["stopped_early"] is False and metadata["resumed_from_steps"] == []
+    assert not (checkpoint.parent / "test.train-state").exists()
     # Only the split=train windows count (the holdout ones are in other files).
     assert counts["train_windows"] == metadata["train_windows"] == 120
     assert counts["steps"] == metadata["steps"] == 20
@@ -99,7 +110,9 @@ def test_train_stage_writes_a_checkpoint_that_learned(spark, tiny_lake, make_cfg
     # The trained model samples valid sessions.
     import torch
 
-    sample = model.sample(20, torch.Generator().manual_seed(0), max_events=10)
+    generator = torch.Generator().manual_seed(0)
+    context, category = model.draw_contexts(20, generator)
+    sample = model.sample(20, generator, context=context, context_category=category, max_events=10)
     assert len(sample["session"]) > 0
     assert set(sample["event_type"].tolist()) <= {3, 4, 5, 6}
     assert (sample["item_idx"][sample["event_type"] != 6] > 0).all()
@@ -132,3 +145,98 @@ def test_train_stage_rejects_tokens_outside_the_vocabulary(spark, lake, make_cfg
     lake.write(session_tokens_df(spark), "session_tokens", app_id="test-featurize")
     with pytest.raises(ValueError, match="item_idx spans 0..12, outside the vocabulary 0..5"):
         run_train(spark, lake, make_cfg(**TRAIN_OVERRIDES))
+
+
+# ----- train_fn in this process (no Spark): resume after a crash, early stopping -----------------------
+
+
+def _token_files(tmp_path) -> dict[str, list[str]]:
+    """session_tokens-like Parquet files (one per split) written with pyarrow, as Petastorm reads them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = random.Random(0)
+    files = {}
+    for split, n in [("train", 64), ("holdout", 16)]:
+        columns = {c: [] for c in ("event_type", "item_idx", "category_idx", "gap_bucket")}
+        for _ in range(n):
+            item = rng.randint(1, N_ITEMS)
+            tokens = [(1, 0, 0), (3, item, 3), (4, item, 2), (5, item, 4), (6, 0, 1), (2, 0, 0)]
+            tokens += [(0, 0, 0)] * (WINDOW + 2 - len(tokens))
+            columns["event_type"].append([t for t, _, _ in tokens])
+            columns["item_idx"].append([i for _, i, _ in tokens])
+            columns["category_idx"].append([0 if i == 0 else (i - 1) % 3 + 1 for _, i, _ in tokens])
+            columns["gap_bucket"].append([g for _, _, g in tokens])
+        table = pa.table({**{c: pa.array(v, pa.list_(pa.int32())) for c, v in columns.items()},
+                          "user_context": pa.array([[0.5] * 7] * n, pa.list_(pa.float32())),
+                          "user_category_idx": pa.array([1] * n, pa.int32())})
+        path = tmp_path / "tokens" / f"split={split}" / "part-0.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(table, path)
+        files[split] = [f"file://{path}"]
+    return files
+
+
+def _params(tmp_path, **overrides) -> dict:
+    files = _token_files(tmp_path)
+    item_category = [0] + [(i - 1) % 3 + 1 for i in range(1, N_ITEMS + 1)]
+    params = {
+        "files": files["train"], "holdout_files": files["holdout"], "shard": False,
+        "model_config": {"n_event_types": 7, "n_items": N_ITEMS + 1, "n_categories": 4, "n_gap_buckets": 10,
+                         "block_size": WINDOW + 1, "d_model": 16, "n_layer": 1, "n_head": 2, "dropout": 0.0,
+                         "n_brands": 1, "n_price_buckets": 1, "context_dim": 7},
+        "catalogue": {"item_category": item_category},
+        "seed": 3, "learning_rate": 0.01, "batch_size": 8, "max_steps": 12, "log_every": 1,
+        "checkpoint_every": 3, "eval_every": 4, "patience": 0, "eval_windows": 16,
+        "use_gpu": False, "compile": False, "cpu_threads": 1,
+        "checkpoint_dir": str(tmp_path / "ckpt" / "run"), "state_dir": str(tmp_path / "ckpt" / "run.train-state"),
+        "metadata": {"run_id": "run"},
+    }
+    params.update(overrides)
+    return params
+
+
+def test_train_resumes_from_the_last_saved_step_after_a_crash(tmp_path, monkeypatch, capfd):
+    from synth import train
+    from synth.model import load_checkpoint
+
+    params = _params(tmp_path)
+
+    def crash(step):
+        if step == 7:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(train, "_after_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.train_fn(params)
+    states = sorted(p.name for p in Path(params["state_dir"]).iterdir())
+    assert states == ["state-000000003.pt", "state-000000006.pt"]  # the newest two, written atomically
+    assert not Path(params["checkpoint_dir"]).exists()
+    capfd.readouterr()
+
+    monkeypatch.setattr(train, "_after_step", None)
+    result = train.train_fn(params)
+    out = capfd.readouterr().out
+    assert "resuming from step 6" in out
+    steps = [line.split()[4] for line in out.splitlines() if " loss " in line and "val_loss" not in line]
+    assert steps[0] == "7/12" and steps[-1] == "12/12"  # continues from the saved step, not from 1
+    _, metadata = load_checkpoint(result["checkpoint"])
+    assert metadata["resumed_from_steps"] == [6] and metadata["steps"] == 12
+    assert [s for s, _ in metadata["loss_curve"]] == list(range(1, 13))
+    assert [s for s, _ in metadata["val_curve"]] == [4, 8, 12]
+    assert not Path(params["state_dir"]).exists()  # finished: the training states are gone
+
+
+def test_train_stops_early_on_the_holdout_split(tmp_path, capfd):
+    from synth import train
+    from synth.model import load_checkpoint
+
+    # Learning rate 0: the holdout loss never improves after the first evaluation.
+    result = train.train_fn(_params(tmp_path, learning_rate=0.0, eval_every=2, patience=2, max_steps=50,
+                                    log_every=10))
+    _, metadata = load_checkpoint(result["checkpoint"])
+    assert metadata["stopped_early"] is True and metadata["steps"] == 6
+    assert [s for s, _ in metadata["val_curve"]] == [2, 4, 6]
+    assert metadata["best_step"] == 2 and metadata["weights_from_step"] == 2
+    assert metadata["loss_curve"][-1][0] == 6
+    assert "early stop at step 6" in capfd.readouterr().out
