@@ -54,8 +54,12 @@ def hmac_sha256(key: bytes, message: Column) -> Column:
     return F.sha2(F.concat(F.unhex(F.lit(outer_pad)), inner), 256)
 
 
-def _checked(rows: DataFrame, cfg) -> DataFrame:
-    """Name the first rule each raw row breaks (reason null = valid), with a detail for the reader."""
+def _checked(rows: DataFrame, cfg, price_required: bool = True) -> DataFrame:
+    """Name the first rule each raw row breaks (reason null = valid), with a detail for the reader.
+
+    Sources without prices (YOOCHOOSE, DIGINETICA, ...) pass price_required=False: a missing price is
+    then expected, while a price that is there must still be sane.
+    """
     needs_item = F.col("event_type") != F.lit("search")
     price = F.col("price_raw").try_cast("double")
     reason_detail = [
@@ -71,7 +75,8 @@ def _checked(rows: DataFrame, cfg) -> DataFrame:
          F.concat(F.lit("event type '"), F.coalesce(F.col("event_type_raw"), F.lit("")), F.lit("'"))),
         (F.col("user_id").isNull(), "missing_user", F.lit("no user id")),
         (F.col("needs_item") & F.col("item_id").isNull(), "missing_item", F.lit("no item id")),
-        (F.col("needs_item") & F.col("price_value").isNull(), "bad_price",
+        (F.col("needs_item") & F.col("price_value").isNull()
+         & (F.lit(price_required) | F.col("price_raw").isNotNull()), "bad_price",
          F.concat(F.lit("unparseable price '"), F.coalesce(F.col("price_raw"), F.lit("")), F.lit("'"))),
         (F.col("needs_item") & ((F.col("price_value") <= 0) | (F.col("price_value") > cfg.clean.max_price)),
          "bad_price", F.concat(F.lit("price "), F.col("price_raw"), F.lit(f" is not in (0, {cfg.clean.max_price}]"))),
@@ -118,8 +123,6 @@ def run(ctx) -> dict[str, int]:
     raw_path = Path(cfg.input.path)
     if cfg.input.source == "simulator" and not any(raw_path.rglob("*.csv*")):
         simulate(spark, cfg, str(raw_path))
-    if not raw_path.exists():
-        raise FileNotFoundError(f"input.path {raw_path} does not exist")
     key = pseudonym_key(cfg)
 
     raw = read_source(spark, cfg)
@@ -129,12 +132,12 @@ def run(ctx) -> dict[str, int]:
     if raw.missing_optional:
         log.warning("clean: the source has no %s; those event fields are null", raw.missing_optional)
         ctx.artifacts["missing_optional_fields"] = ",".join(raw.missing_optional)
-    typed = _checked(raw.rows, cfg).persist()
+    typed = _checked(raw.rows, cfg, price_required="price" not in raw.missing_optional).persist()
     counts = typed.groupBy(F.col("reason").isNull().alias("valid")).count().collect()
     valid_count = sum(r["count"] for r in counts if r.valid)
     raw_count = sum(r["count"] for r in counts)
     if raw_count == 0:
-        raise ValueError(f"no raw rows under {raw_path} (only headers or blank lines?)")
+        raise ValueError(f"no raw rows in {cfg.input.path} (only headers or blank lines?)")
 
     valid = typed.where(F.col("reason").isNull()).select(
         "event_time", "event_type", "user_id", "session_id",

@@ -9,7 +9,13 @@ Every subject is compared with the held-out real sessions (sessions.split = 'hol
   generator could reach at that sample size;
 - independent_columns: sessions whose length, event types, items (with their category) and time
   gaps are drawn independently from the train marginals, with seeded Spark `rand`: the naive floor
-  a generator has to beat.
+  a generator has to beat (each drawn item carries its catalogue price);
+- real_train (recommender utility only): all real train sessions.
+
+Beyond the histogram metrics: a classifier two-sample test (C2ST) on per-session feature vectors
+(pyspark.ml, seeded folds), the attribute realism of synthetic events against item_catalog, the hit
+rate of a next-item co-occurrence recommender trained on each subject and tested on the holdout,
+and, when synth.tabular and a synthetic_user_profiles table exist, profile column/pair fidelity.
 
 Everything event-level stays in Spark. The driver only collects small aggregates (counts per event
 type, session length, item, category and gap bin), from which small pure functions (`tvd`,
@@ -44,6 +50,10 @@ TRAIN_RESAMPLE = "train_resample"
 INDEPENDENT = "independent_columns"
 COMPARED = (SYNTHETIC, TRAIN_RESAMPLE, INDEPENDENT)
 SUBJECTS = (HOLDOUT,) + COMPARED
+REAL_TRAIN = "real_train"  # all real train sessions: the reference of the recommender utility
+REPORT_SUBJECTS = SUBJECTS + (REAL_TRAIN,)
+RECOMMENDER_K = 10
+HIT_RATE = f"recommender_hit_rate@{RECOMMENDER_K}"
 
 # Null marker and separator of the item-sequence fingerprint (control characters, not expected in item ids).
 _NULL_ITEM = "\u0000"
@@ -69,6 +79,28 @@ DESCRIPTIONS = {
     "exact_copy_share": "Share of the subject's sessions whose full item sequence equals a real train session of "
                         "2+ events (memorization); for the holdout it is the chance rate among real sessions; "
                         "lower is better, near the holdout value is expected.",
+    "category_transition_jsd": "Jensen-Shannon divergence (base 2) between the distributions of consecutive "
+                               "(category, next category) pairs within sessions, subject vs holdout (pairs "
+                               "with an unknown category left out); 0 = identical, 1 = disjoint; lower is better.",
+    "c2st_auc": "Classifier two-sample test: test ROC AUC of a classifier (evaluate.two_sample_classifier, "
+                "evaluate.two_sample_folds-fold, seeded) telling the subject's sessions from as many holdout sessions "
+                "by per-session features (length, event-type shares, distinct item/category shares, log gap "
+                "mean/median/max, purchase-after-view, log price mean/std); 0.5 = indistinguishable, 1 = "
+                "fully distinguishable; lower (towards 0.5) is better.",
+    "attribute_realism": "Share of synthetic non-search events (events with an item) whose item exists in "
+                         "item_catalog with the same category and brand and whose price lies within "
+                         "evaluate.price_band times the catalogue price; 1 = all realistic; higher is better.",
+    HIT_RATE: f"Hit rate@{RECOMMENDER_K} of a next-item recommender (the {RECOMMENDER_K} items most often "
+              "following an item within the subject's sessions, ties by item id) trained on the subject's "
+              "sessions alone and tested on holdout sessions with 2+ item events: share whose last item is "
+              "among the recommendations for the item before it; higher is better.",
+    "recommender_hit_rate_ratio": f"{HIT_RATE} of the subject divided by that of the recommender trained on "
+                                  "all real train sessions (real_train); 1 = the subject is as useful as "
+                                  "real data; higher is better.",
+    "profile_column_shape": "Mean over user-profile columns of 1 - TVD between synthetic_user_profiles and the "
+                            "real user_profiles (synth.tabular.column_shape_score); 1 = identical; higher is better.",
+    "profile_column_pair": "Mean over user-profile column pairs of 1 - TVD of their joint distributions, "
+                           "synthetic vs real (synth.tabular.column_pair_score); 1 = identical; higher is better.",
     "n_sessions": "Number of sessions of the subject (the sample size behind its metrics); informational.",
     "n_events": "Number of events of the subject (the sample size behind its metrics); informational.",
 }
@@ -129,6 +161,7 @@ class Profile:
     purchases: int = 0
     purchases_after_view: int = 0
     copies: int = 0  # sessions whose item sequence equals a train session of 2+ events
+    transitions: dict[tuple[str, str], int] = field(default_factory=dict)  # (category, next category) -> count
 
     @property
     def n_sessions(self) -> int:
@@ -140,8 +173,12 @@ class Profile:
 
 
 def metric_rows(profiles: Mapping[str, Profile],
-                catalog_consistency: float | None = None) -> list[tuple[str, str, float, str]]:
-    """(metric, subject, value, description) rows; a metric without data for a subject is left out."""
+                catalog_consistency: float | None = None,
+                extra: Mapping[tuple[str, str], float | None] | None = None) -> list[tuple[str, str, float, str]]:
+    """(metric, subject, value, description) rows; a metric without data for a subject is left out.
+
+    `extra` holds metrics computed elsewhere, {(metric, subject): value} (C2ST, recommender, ...).
+    """
     holdout = profiles[HOLDOUT]
     rows: list[tuple[str, str, float, str]] = []
 
@@ -163,12 +200,15 @@ def metric_rows(profiles: Mapping[str, Profile],
         add("item_popularity_jsd", subject, compare(jsd, prof.items, holdout.items))
         add("category_popularity_jsd", subject, compare(jsd, prof.categories, holdout.categories))
         add("gap_seconds_ks", subject, compare(ks_from_histograms, prof.gaps, holdout.gaps))
+        add("category_transition_jsd", subject, compare(jsd, prof.transitions, holdout.transitions))
     for subject in SUBJECTS:
         if subject in profiles:
             add("purchase_after_view_share", subject,
                 share(profiles[subject].purchases_after_view, profiles[subject].purchases))
     if catalog_consistency is not None:
         add("catalog_consistency", SYNTHETIC, catalog_consistency)
+    for (metric, subject), value in (extra or {}).items():
+        add(metric, subject, value)
     for subject in (SYNTHETIC, INDEPENDENT, HOLDOUT):
         if subject in profiles:
             add("exact_copy_share", subject, share(profiles[subject].copies, profiles[subject].n_sessions))
@@ -183,7 +223,7 @@ def metric_rows(profiles: Mapping[str, Profile],
 # Spark side: events of every subject in one shape.
 # --------------------------------------------------------------------------------------------------
 
-EVENT_COLUMNS = ["subject", "session_id", "position", "event_type", "item_id", "category", "gap_bin"]
+EVENT_COLUMNS = ["subject", "session_id", "position", "event_type", "item_id", "category", "gap_bin", "price"]
 
 
 def _gap_bin(seconds: Column, bin_seconds: float) -> Column:
@@ -193,12 +233,13 @@ def _gap_bin(seconds: Column, bin_seconds: float) -> Column:
 def real_events(sessions: DataFrame, subject: str, bin_seconds: float) -> DataFrame:
     """One row per event of real sessions (arrays per session); the first event of a session has no gap."""
     exploded = sessions.select(
-        "session_id", F.posexplode(F.arrays_zip("event_types", "item_ids", "categories", "gap_seconds")))
+        "session_id", F.posexplode(F.arrays_zip("event_types", "item_ids", "categories", "gap_seconds", "prices")))
     return exploded.select(
         F.lit(subject).alias("subject"), "session_id", F.col("pos").cast("int").alias("position"),
         F.col("col.event_types").alias("event_type"), F.col("col.item_ids").alias("item_id"),
         F.col("col.categories").alias("category"),
-        F.when(F.col("pos") > 0, _gap_bin(F.col("col.gap_seconds"), bin_seconds)).alias("gap_bin"))
+        F.when(F.col("pos") > 0, _gap_bin(F.col("col.gap_seconds"), bin_seconds)).alias("gap_bin"),
+        F.col("col.prices").cast("double").alias("price"))
 
 
 def synthetic_events(events: DataFrame, bin_seconds: float) -> DataFrame:
@@ -207,7 +248,8 @@ def synthetic_events(events: DataFrame, bin_seconds: float) -> DataFrame:
     gap = (F.unix_micros("event_time") - F.unix_micros(previous)) / F.lit(1e6)
     return events.select(
         F.lit(SYNTHETIC).alias("subject"), "session_id", F.col("position").cast("int").alias("position"),
-        "event_type", "item_id", "category", _gap_bin(gap, bin_seconds).alias("gap_bin"))
+        "event_type", "item_id", "category", _gap_bin(gap, bin_seconds).alias("gap_bin"),
+        F.col("price").cast("double").alias("price"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,8 +330,10 @@ def _draw(df: DataFrame, uniform: str, lookups: DataFrame, dim: str) -> DataFram
 
 
 def independent_events(lookups: DataFrame, n_sessions: int, seeds: Mapping[str, int],
-                       partitions: int) -> DataFrame:
+                       partitions: int, prices: DataFrame | None = None) -> DataFrame:
     """`n_sessions` sessions whose length, event types, items (with category) and gaps are drawn independently.
+
+    `prices` (item_id, price), e.g. the catalogue, gives each drawn item its price (null without it).
 
     `lookups` is inverse_cdf(train_marginals(...)), best persisted: each draw broadcasts a slice of it.
     Deterministic for given seeds and partitions: the rows come from spark.range with a fixed
@@ -308,9 +352,15 @@ def independent_events(lookups: DataFrame, n_sessions: int, seeds: Mapping[str, 
     events = _draw(events, "_ut", lookups, "event_type")
     events = _draw(events, "_ui", lookups, "item")
     events = _draw(events, "_ug", lookups, "gap")
+    if prices is not None:
+        events = events.join(F.broadcast(prices.select(F.col("item_id").alias("_pi"), F.col("price"))),
+                             F.col("item_id") == F.col("_pi"), "left").drop("_pi")
+    else:
+        events = events.withColumn("price", F.lit(None).cast("double"))
     return events.select(
         F.lit(INDEPENDENT).alias("subject"), "session_id", F.col("position").cast("int").alias("position"),
-        "event_type", "item_id", "category", F.when(F.col("position") > 0, F.col("gap_bin")).alias("gap_bin"))
+        "event_type", "item_id", "category", F.when(F.col("position") > 0, F.col("gap_bin")).alias("gap_bin"),
+        F.col("price").cast("double").alias("price"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,6 +415,13 @@ def collect_profiles(events: DataFrame, train_sessions: DataFrame) -> dict[str, 
                  .groupBy("subject").agg(F.sum(F.coalesce("viewed", F.lit(0))).alias("after_view")).collect())
     for row in purchases:
         prof(row.subject).purchases_after_view = row.after_view
+    # Consecutive (category, next category) pairs within sessions.
+    following = F.lead("category").over(Window.partitionBy("subject", "session_id").orderBy("position"))
+    pairs = (events.select("subject", "category", following.alias("next_category"))
+             .where(F.col("category").isNotNull() & F.col("next_category").isNotNull())
+             .groupBy("subject", "category", "next_category").count().collect())
+    for row in pairs:
+        prof(row.subject).transitions[(row.category, row.next_category)] = row["count"]
     for subject, p in profiles.items():
         p.purchases = p.event_types.get("purchase", 0)
     return profiles
@@ -381,6 +438,193 @@ def catalog_consistency(synthetic: DataFrame, catalog: DataFrame) -> float | Non
         F.col("_item").isNotNull())
     row = matched.agg(F.count("*").alias("n"), F.sum(consistent.cast("long")).alias("ok")).first()
     return share(row.ok or 0, row.n)
+
+
+def attribute_realism(synthetic: DataFrame, catalog: DataFrame, price_band: tuple[float, float]) -> float | None:
+    """Share of synthetic events with an item whose item, category and brand match item_catalog and whose
+    price lies in [low, high] x the catalogue price (a null price matches only a null catalogue price)."""
+    low, high = (float(x) for x in price_band)
+    entries = catalog.select(F.col("item_id").alias("_item"), F.col("category").alias("_category"),
+                             F.col("brand").alias("_brand"), F.col("price").alias("_price"))
+    priced = (F.col("_price").isNull() & F.col("price").isNull()) | (
+        (F.col("_price") > 0) & (F.col("price") >= F.col("_price") * low) & (F.col("price") <= F.col("_price") * high))
+    matched = (synthetic.where(F.col("item_id").isNotNull())
+               .join(entries, (F.col("item_id") == F.col("_item"))
+                     & F.col("category").eqNullSafe(F.col("_category"))
+                     & F.col("brand").eqNullSafe(F.col("_brand")), "left"))
+    ok = (F.col("_item").isNotNull() & F.coalesce(priced, F.lit(False))).cast("long")
+    row = matched.agg(F.count("*").alias("n"), F.sum(ok).alias("ok")).first()
+    return share(row.ok or 0, row.n)
+
+
+# Per-session feature columns of the classifier two-sample test, in vector order.
+SESSION_FEATURES = ["log_length", "view_share", "cart_share", "purchase_share", "search_share",
+                    "distinct_item_share", "distinct_category_share", "mean_log_gap", "median_log_gap",
+                    "max_log_gap", "purchase_after_view", "mean_log_price", "std_log_price"]
+
+
+def session_features(events: DataFrame, bin_seconds: float) -> DataFrame:
+    """One row per (subject, session_id) with the SESSION_FEATURES columns (nulls as 0), from common-shape events."""
+    earlier = (Window.partitionBy("subject", "session_id", "item_id").orderBy("position")
+               .rowsBetween(Window.unboundedPreceding, -1))
+    viewed = F.max((F.col("event_type") == "view").cast("int")).over(earlier)
+    # The first event of a session has no gap (null), which the aggregates skip.
+    log_gap = F.when(F.col("gap_bin").isNotNull(), F.log1p(F.greatest(
+        F.col("gap_bin").cast("double") * F.lit(float(bin_seconds)), F.lit(0.0))))
+    log_price = F.when(F.col("price") > 0, F.log1p("price"))
+    flagged = events.select(
+        "subject", "session_id", "event_type", "item_id", "category", log_gap.alias("_lg"),
+        log_price.alias("_lp"),
+        F.when(F.col("item_id").isNotNull() & (F.col("event_type") == "purchase"),
+               F.coalesce(viewed, F.lit(0))).otherwise(0).alias("_pav"))
+
+    def share_of(event_type: str) -> Column:
+        return F.avg((F.col("event_type") == event_type).cast("double"))
+
+    grouped = flagged.groupBy("subject", "session_id").agg(
+        F.count("*").alias("_n"),
+        share_of("view").alias("view_share"), share_of("cart").alias("cart_share"),
+        share_of("purchase").alias("purchase_share"), share_of("search").alias("search_share"),
+        F.size(F.collect_set("item_id")).alias("_items"), F.size(F.collect_set("category")).alias("_cats"),
+        F.avg("_lg").alias("mean_log_gap"), F.percentile_approx("_lg", 0.5).alias("median_log_gap"),
+        F.max("_lg").alias("max_log_gap"), F.max("_pav").cast("double").alias("purchase_after_view"),
+        F.avg("_lp").alias("mean_log_price"), F.stddev_pop("_lp").alias("std_log_price"))
+    values = {"log_length": F.log1p(F.col("_n").cast("double")),
+              "distinct_item_share": F.col("_items") / F.col("_n"),
+              "distinct_category_share": F.col("_cats") / F.col("_n")}
+    return grouped.select("subject", "session_id", *[
+        F.coalesce(values.get(name, F.col(name)).cast("double"), F.lit(0.0)).alias(name)
+        for name in SESSION_FEATURES])
+
+
+def c2st_auc(features: DataFrame, subject: str, seed: int, folds: int = 2,
+             classifier: str = "logistic") -> float | None:
+    """Classifier two-sample test of `subject` against the holdout on session_features rows.
+
+    Both sides are cut to the smaller side's size (sessions ranked by a seeded hash of session_id),
+    labelled (subject 1, holdout 0) and dealt into `folds` folds by that rank (so every fold holds
+    both labels, equally many of each up to one, and the same session id lands in the same fold on both sides); for
+    each fold a classifier (logistic: standardized logistic regression; gbt: gradient-boosted trees)
+    trained on the other folds scores it, and the mean test ROC AUC over the folds is returned
+    (None when no fold holds both labels on both sides). Deterministic: the data is range-sorted by
+    session before fitting, so partitions and row order do not depend on shuffle timing.
+    """
+    from pyspark.ml.classification import GBTClassifier, LogisticRegression
+    from pyspark.ml.evaluation import BinaryClassificationEvaluator
+    from pyspark.ml.feature import VectorAssembler
+
+    if folds < 2:
+        raise ValueError(f"evaluate.two_sample_folds must be at least 2, not {folds}")
+    if classifier not in ("logistic", "gbt"):
+        raise ValueError(f"evaluate.two_sample_classifier must be logistic or gbt, not {classifier!r}")
+    sides = features.where(F.col("subject").isin(HOLDOUT, subject))
+    sizes = {r.subject: r["count"] for r in sides.groupBy("subject").count().collect()}
+    n = min(sizes.get(HOLDOUT, 0), sizes.get(subject, 0))
+    if n < 2:
+        return None
+    rank = F.row_number().over(Window.partitionBy("subject").orderBy(
+        F.xxhash64(F.lit(seed), "session_id"), "session_id"))
+    data = (sides.withColumn("_rank", rank).where(F.col("_rank") <= n)
+            .withColumn("label", (F.col("subject") == subject).cast("double"))
+            .withColumn("fold", F.pmod(F.col("_rank") - 1, F.lit(folds)).cast("int")))
+    data = VectorAssembler(inputCols=SESSION_FEATURES, outputCol="features").transform(data)
+    data = data.select("label", "fold", "features", "session_id", "subject") \
+        .orderBy("session_id", "subject").persist()
+    try:
+        aucs = []
+        counts = {(r.fold, r.label): r["count"] for r in data.groupBy("fold", "label").count().collect()}
+        for fold in range(folds):
+            test_ok = counts.get((fold, 0.0), 0) and counts.get((fold, 1.0), 0)
+            train_ok = (sum(c for (f, l), c in counts.items() if f != fold and l == 0.0)
+                        and sum(c for (f, l), c in counts.items() if f != fold and l == 1.0))
+            if not (test_ok and train_ok):
+                continue
+            if classifier == "gbt":
+                model = GBTClassifier(maxIter=30, maxDepth=3, seed=seed % (2**31), labelCol="label")
+            else:
+                model = LogisticRegression(maxIter=100, regParam=0.01, labelCol="label")
+            fitted = model.fit(data.where(F.col("fold") != fold))
+            scored = fitted.transform(data.where(F.col("fold") == fold))
+            aucs.append(BinaryClassificationEvaluator(labelCol="label", metricName="areaUnderROC")
+                        .evaluate(scored))
+        return sum(aucs) / len(aucs) if aucs else None
+    finally:
+        data.unpersist()
+
+
+def recommender_hit_rates(train_events: DataFrame, holdout_events: DataFrame,
+                          k: int = RECOMMENDER_K) -> dict[str, float | None]:
+    """Hit rate@k per subject of a next-item co-occurrence recommender, tested on the holdout.
+
+    train_events: (subject, session_id, position, item_id) rows; per subject, the recommendations for
+    item A are the k items B most often directly following A (events without an item skipped) in
+    that subject's sessions, ties broken by item id. holdout_events: (session_id, position, item_id);
+    every holdout session with 2+ item events is one test case: a hit when its last item is among
+    the recommendations for the item before it. A subject with no recommendation for a case misses.
+    Returns {subject: hits / test cases}, None for every subject when there is no test case.
+    """
+    with_items = train_events.where(F.col("item_id").isNotNull())
+    following = F.lead("item_id").over(Window.partitionBy("subject", "session_id").orderBy("position"))
+    pairs = (with_items.select("subject", F.col("item_id").alias("prev"), following.alias("next"))
+             .where(F.col("next").isNotNull()).groupBy("subject", "prev", "next").count())
+    top = pairs.withColumn("_r", F.row_number().over(
+        Window.partitionBy("subject", "prev").orderBy(F.desc("count"), "next"))).where(F.col("_r") <= k)
+    backwards = Window.partitionBy("session_id").orderBy(F.desc("position"))
+    tail = (holdout_events.where(F.col("item_id").isNotNull())
+            .withColumn("_r", F.row_number().over(backwards)).where(F.col("_r") <= 2)
+            .groupBy("session_id")
+            .agg(F.max(F.when(F.col("_r") == 2, F.col("item_id"))).alias("prev"),
+                 F.max(F.when(F.col("_r") == 1, F.col("item_id"))).alias("next"))
+            .where(F.col("prev").isNotNull()))
+    cases = tail.count()
+    subjects = [r.subject for r in train_events.select("subject").distinct().collect()]
+    if not cases:
+        return {s: None for s in subjects}
+    hits = {r.subject: r["count"] for r in
+            tail.join(top, ["prev", "next"]).groupBy("subject").count().collect()}
+    return {s: hits.get(s, 0) / cases for s in subjects}
+
+
+def profile_metrics(ctx, run_id: str) -> dict[tuple[str, str], float | None]:
+    """profile_column_shape / profile_column_pair of this run's synthetic_user_profiles vs user_profiles.
+
+    Needs synth.tabular (column_shape_score, column_pair_score) and a synthetic_user_profiles table;
+    returns {} (logged) when either is missing, so the stage never depends on the profile generator.
+    """
+    import importlib
+
+    try:
+        tabular = importlib.import_module("synth.tabular")
+        tabular.column_shape_score, tabular.column_pair_score  # noqa: B018 - both must exist
+    except (ImportError, AttributeError) as exc:
+        log.info("evaluate: profile metrics skipped (synth.tabular not usable: %s)", exc)
+        return {}
+    try:
+        if not ctx.lake.exists("synthetic_user_profiles"):
+            log.info("evaluate: profile metrics skipped (no synthetic_user_profiles table)")
+            return {}
+        synthetic = ctx.read("synthetic_user_profiles").df
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        log.info("evaluate: profile metrics skipped (synthetic_user_profiles unreadable: %s)", exc)
+        return {}
+    if "run_id" in synthetic.columns:
+        synthetic = synthetic.where(F.col("run_id") == run_id).drop("run_id")
+    real = ctx.read("user_profiles").df
+    scalar = {f.name for f in real.schema.fields if f.dataType.typeName() not in ("map", "array", "struct")}
+    columns = [c for c in real.columns if c in synthetic.columns and c in scalar and c != "user_id"]
+    # Small per-user tables: the scorers work on pandas frames.
+    return profile_scores(real.select(*columns).toPandas(), synthetic.select(*columns).toPandas(), tabular)
+
+
+def profile_scores(real_pd, synthetic_pd, tabular) -> dict[tuple[str, str], float | None]:
+    """profile_column_shape / profile_column_pair of two pandas profile tables with the same columns,
+    scored by `tabular` (synth.tabular) with metadata detected on the real table."""
+    if real_pd.empty or synthetic_pd.empty or not len(real_pd.columns):
+        return {}
+    detect = getattr(getattr(tabular, "TabularMetadata", None), "detect", None)
+    metadata = detect(real_pd) if callable(detect) else None
+    return {("profile_column_shape", SYNTHETIC): float(tabular.column_shape_score(real_pd, synthetic_pd, metadata)),
+            ("profile_column_pair", SYNTHETIC): float(tabular.column_pair_score(real_pd, synthetic_pd, metadata))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -475,10 +719,11 @@ def render_report(run_id: str, rows: list[tuple[str, str, float, str]], images: 
     metrics = list(dict.fromkeys(r[0] for r in rows))
     values = {(r[0], r[1]): r[2] for r in rows}
     esc = html.escape
-    head = "".join(f"<th>{esc(s)}</th>" for s in SUBJECTS)
+    head = "".join(f"<th>{esc(s)}</th>" for s in REPORT_SUBJECTS)
     body = "".join(
         f"<tr><td><b>{esc(m)}</b></td>"
-        + "".join(f"<td>{_fmt(m, values[(m, s)])}</td>" if (m, s) in values else "<td>-</td>" for s in SUBJECTS)
+        + "".join(f"<td>{_fmt(m, values[(m, s)])}</td>" if (m, s) in values else "<td>-</td>"
+                  for s in REPORT_SUBJECTS)
         + f"<td class=d>{esc(DESCRIPTIONS[m])}</td></tr>"
         for m in metrics)
     facts = "".join(f"<li>{esc(str(k))}: {esc(str(v))}</li>" for k, v in notes.items())
@@ -492,7 +737,8 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td.d{{text-align:
 <h1>Synthetic sessions evaluation, run {esc(run_id)}</h1>
 <p>Every subject is compared with the held-out real sessions. train_resample (real train sessions) is the
 fidelity ceiling; independent_columns (length, event type, item and gap drawn independently from the train
-marginals) is the floor a generator has to beat.</p>
+marginals) is the floor a generator has to beat. real_train (all real train sessions) is the reference
+of the recommender utility.</p>
 <ul>{facts}</ul>
 <table><tr><th>metric</th>{head}<th>meaning</th></tr>{body}</table>
 {figures}
@@ -519,10 +765,10 @@ def summary(rows: Iterable[tuple[str, str, float, str]]) -> str:
     """The metrics as a small text table, metric x subject, for the log."""
     values = {(r[0], r[1]): r[2] for r in rows}
     metrics = list(dict.fromkeys(m for m, _ in values))
-    lines = [f"{'metric':<26}" + "".join(f"{s:>20}" for s in SUBJECTS)]
+    lines = [f"{'metric':<28}" + "".join(f"{s:>20}" for s in REPORT_SUBJECTS)]
     for m in metrics:
-        lines.append(f"{m:<26}" + "".join(
-            f"{_fmt(m, values[(m, s)]) if (m, s) in values else '-':>20}" for s in SUBJECTS))
+        lines.append(f"{m:<28}" + "".join(
+            f"{_fmt(m, values[(m, s)]) if (m, s) in values else '-':>20}" for s in REPORT_SUBJECTS))
     return "\n".join(lines)
 
 
@@ -537,6 +783,10 @@ def run(ctx) -> dict[str, int]:
         raise ValueError(f"evaluate.gap_bin_seconds must be positive, not {bin_seconds}")
     if int(cfg.evaluate.baseline_sessions) < 0:
         raise ValueError(f"evaluate.baseline_sessions must be >= 0, not {cfg.evaluate.baseline_sessions}")
+    band = tuple(float(x) for x in cfg.evaluate.price_band)
+    if len(band) != 2 or not 0 < band[0] <= 1 <= band[1]:
+        raise ValueError(f"evaluate.price_band must be [low, high] with 0 < low <= 1 <= high, not {band}")
+    folds, classifier = int(cfg.evaluate.two_sample_folds), str(cfg.evaluate.two_sample_classifier)
 
     sessions = ctx.read("sessions").df
     synthetic = ctx.read("synthetic_events").df.where(F.col("run_id") == run_id)
@@ -552,7 +802,8 @@ def run(ctx) -> dict[str, int]:
         if not splits.get(split):
             raise RuntimeError(f"sessions holds no {split} sessions; run the featurize stage first")
     n_baseline = int(cfg.evaluate.baseline_sessions) or n_synthetic
-    seeds = {p: derive_seed(cfg.run.seed, run_id, p) for p in ("train_resample", "length", "event_type", "item", "gap")}
+    seeds = {p: derive_seed(cfg.run.seed, run_id, p)
+             for p in ("train_resample", "length", "event_type", "item", "gap", "c2st")}
 
     # train_resample: a deterministic sample of train sessions, as many as the baselines' size.
     train_sample = (train.orderBy(F.xxhash64(F.lit(seeds["train_resample"]), "session_id"), "session_id")
@@ -561,16 +812,36 @@ def run(ctx) -> dict[str, int]:
     events = (real_events(holdout, HOLDOUT, bin_seconds)
               .unionByName(synthetic_events(synthetic, bin_seconds))
               .unionByName(real_events(train_sample, TRAIN_RESAMPLE, bin_seconds))
-              .unionByName(independent_events(lookups, n_baseline, seeds, cfg.spark.shuffle_partitions))
+              .unionByName(independent_events(lookups, n_baseline, seeds, cfg.spark.shuffle_partitions,
+                                              prices=catalog.select("item_id", "price")))
               .select(*EVENT_COLUMNS)
               .persist(StorageLevel.MEMORY_AND_DISK))
+    extra: dict[tuple[str, str], float | None] = {}
     try:
         profiles = collect_profiles(events, train)
+        features = session_features(events, bin_seconds).persist()
+        try:
+            for subject in COMPARED:
+                extra[("c2st_auc", subject)] = c2st_auc(features, subject, seeds["c2st"], folds, classifier)
+        finally:
+            features.unpersist()
+        subjects_events = (events.where(F.col("subject") != HOLDOUT)
+                           .unionByName(real_events(train, REAL_TRAIN, bin_seconds).select(*EVENT_COLUMNS)))
+        hits = recommender_hit_rates(subjects_events.select("subject", "session_id", "position", "item_id"),
+                                     events.where(F.col("subject") == HOLDOUT))
     finally:
         events.unpersist()
         lookups.unpersist()
+    for subject in COMPARED + (REAL_TRAIN,):
+        extra[(HIT_RATE, subject)] = hits.get(subject)
+    for subject in COMPARED:
+        real_rate, rate = hits.get(REAL_TRAIN), hits.get(subject)
+        extra[("recommender_hit_rate_ratio", subject)] = (
+            rate / real_rate if rate is not None and real_rate else None)
+    extra[("attribute_realism", SYNTHETIC)] = attribute_realism(synthetic, catalog, band)
+    extra.update(profile_metrics(ctx, run_id))
     consistency = catalog_consistency(synthetic, catalog)
-    rows = metric_rows(profiles, consistency)
+    rows = metric_rows(profiles, consistency, extra)
 
     metrics = spark.createDataFrame(rows, "metric string, subject string, value double, description string") \
         .withColumn("run_id", F.lit(run_id))
@@ -579,7 +850,8 @@ def run(ctx) -> dict[str, int]:
 
     report = Path(cfg.evaluate.report_dir).expanduser().resolve() / run_id / "report.html"
     notes = {"input versions": dict(ctx.input_versions), "metrics table version": version,
-             "baseline sessions": n_baseline, "gap bin (s)": bin_seconds, "seed": cfg.run.seed}
+             "baseline sessions": n_baseline, "gap bin (s)": bin_seconds, "seed": cfg.run.seed,
+             "C2ST": f"{classifier}, {folds} folds", "price band": band}
     write_atomically(report, render_report(run_id, rows, plots(profiles, bin_seconds), notes))
     ctx.artifacts["report"] = str(report)
     log.info("evaluate: report at %s", report)

@@ -107,7 +107,7 @@ def build_session_tokens(sessions: DataFrame, catalog: DataFrame, contexts: Data
                          edges: list[float]) -> DataFrame:
     """Windows of window + 2 tokens: [BOS] + events + [EOS], cut with half-window overlap, padded."""
     length = window + 2
-    category_idx = catalog.select("category", "category_idx").distinct()
+    category_idx = catalog.where(F.col("category").isNotNull()).select("category", "category_idx").distinct()
     token_map = F.create_map(*[F.lit(x) for pair in EVENT_TOKENS.items() for x in pair])
     events = sessions.join(contexts, "user_id").select(
         "session_id", "split", "user_context", "user_category_idx",

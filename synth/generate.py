@@ -95,6 +95,60 @@ def _sampler(checkpoint_files, cfg, base_time: float):
     return sample
 
 
+def _profile_sampler(checkpoint_files, cfg, reference: float):
+    run_id = cfg.run.id
+    sizes = shard_sizes(cfg.generate.profiles, cfg.generate.shards)
+
+    def sample(frames):
+        import tempfile
+
+        import pandas as pd
+        import torch
+
+        from synth.tabular import load_synthesizer
+
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory() as folder:
+            for name, data in checkpoint_files.value.items():
+                Path(folder, name).write_bytes(data)
+            synthesizer, _ = load_synthesizer(folder)
+        for frame in frames:
+            for shard in frame["id"].tolist():
+                if not sizes[shard]:
+                    continue
+                rows = synthesizer.sample(sizes[shard], seed=shard_seed(cfg.run.seed, f"{run_id}/profiles", shard))
+                counts = ["n_views", "n_carts", "n_purchases", "n_searches"]
+                rows["n_events"] = rows[counts].sum(axis=1)
+                last_seen = pd.to_datetime(rows["last_seen"], utc=True)
+                rows["recency_days"] = (reference - last_seen.astype("int64") / 1e9) / 86400.0
+                rows["user_id"] = [f"syn-user-{run_id}-{shard}-{i}" for i in range(len(rows))]
+                yield rows[["user_id", "n_sessions", "n_events", *counts, "monetary", "first_seen", "last_seen",
+                            "recency_days", "top_category"]]
+
+    return sample
+
+
+def generate_profiles(ctx) -> int:
+    """Sample synthetic user profiles in generate.shards seeded tasks; one commit for the run."""
+    from synth.train import profile_checkpoint
+
+    cfg, spark = ctx.cfg, ctx.spark
+    folder = profile_checkpoint(cfg, ctx.run_id)
+    if not (folder / "metadata.json").exists():
+        raise FileNotFoundError(f"no profile model for run {ctx.run_id} in {folder}; run the train stage first")
+    metadata = json.loads((folder / "metadata.json").read_text())
+    reference = dt.datetime.fromisoformat(metadata["recency_reference"]).replace(tzinfo=dt.timezone.utc).timestamp()
+    files = spark.sparkContext.broadcast({p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()})
+    shards = cfg.generate.shards
+    schema = ("user_id string, n_sessions long, n_events long, n_views long, n_carts long, n_purchases long, "
+              "n_searches long, monetary double, first_seen timestamp, last_seen timestamp, "
+              "recency_days double, top_category string")
+    profiles = (spark.range(shards, numPartitions=shards)
+                .mapInPandas(_profile_sampler(files, cfg, reference), schema)
+                .withColumn("run_id", F.lit(ctx.run_id)))
+    return ctx.write(profiles, "synthetic_user_profiles", replace={"run_id": ctx.run_id}).rows
+
+
 def run(ctx) -> dict[str, int]:
     cfg, spark = ctx.cfg, ctx.spark
     checkpoint = Path(cfg.train.checkpoint_dir) / ctx.run_id
@@ -117,4 +171,5 @@ def run(ctx) -> dict[str, int]:
     commit = ctx.write(events, "synthetic_events", replace={"run_id": ctx.run_id})
     sessions = ctx.lake.read("synthetic_events", commit.version).df.where(
         F.col("run_id") == ctx.run_id).select("session_id").distinct().count()
-    return {"synthetic_sessions": sessions, "synthetic_events": commit.rows}
+    return {"synthetic_sessions": sessions, "synthetic_events": commit.rows,
+            "synthetic_profiles": generate_profiles(ctx)}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame, SparkSession
 
+import schemas
 from synth import config
 from synth.config import STAGES, Config
 from synth.lake import Commit, Lake, Snapshot
@@ -115,8 +116,7 @@ def main(argv: list[str] | None = None, stages: tuple[str, ...] | None = None, p
     for stage in chosen:
         run_stage(stage, cfg, spark, lake, force=args.force)
     log.info("run %s finished in %.1f s; tables under %s", cfg.run.id, time.time() - clock, lake.root)
-    for table in ("events", "quarantine", "sessions", "user_profiles", "item_catalog", "session_tokens",
-                  "synthetic_events", "training_set", "metrics", "pipeline_runs"):
+    for table in schemas.all_tables():
         version = lake.version(table)
         if version is not None:
             print(f"  {table:<17} version {version:<4} {lake.uri(table)}")

@@ -168,13 +168,53 @@ def run(ctx) -> dict[str, int]:
     log.info("train: %d steps, loss %.3f -> %.3f, %.0f events/s, %.1f s; checkpoint %s", result["steps"],
              result["initial_loss"], result["final_loss"], result["events_per_s"], result["wall_seconds"],
              result["checkpoint"])
+    profile_rows = train_profile_model(ctx)
     return {
+        "profile_rows": profile_rows,
         "train_windows": int(stats["windows"]),
         "train_events": int(stats["events"] or 0),
         "steps": int(result["steps"]),
         "final_loss_x1000": int(result["final_loss"] * 1000),
         "events_per_s": int(result["events_per_s"]),
     }
+
+
+# Profile columns the tabular model learns; n_events and recency_days are derived from them afterwards,
+# because a model learning a sum next to its terms only blurs the relation.
+PROFILE_COLUMNS = ("n_sessions", "n_views", "n_carts", "n_purchases", "n_searches", "monetary", "first_seen",
+                   "last_seen", "top_category")
+
+
+def profile_checkpoint(cfg, run_id: str) -> Path:
+    return Path(cfg.train.checkpoint_dir) / f"{run_id}.profiles"
+
+
+def train_profile_model(ctx) -> int:
+    """Fit the tabular model of user profiles (profiles.model) and save it next to the session model.
+
+    Profiles are per-user aggregates, not events; the driver fits on at most profiles.max_rows of them.
+    """
+    from synth.tabular import TabularMetadata, synthesizer_from_config
+
+    cfg = ctx.cfg
+    profiles = ctx.read("user_profiles").df.select(*PROFILE_COLUMNS)
+    total = profiles.count()
+    if total == 0:
+        raise ValueError("user_profiles is empty: nothing to fit the profile model on")
+    if total > cfg.profiles.max_rows:
+        profiles = profiles.sample(fraction=cfg.profiles.max_rows / total, seed=cfg.run.seed)
+    frame = profiles.toPandas()
+    metadata = TabularMetadata.detect(frame)
+    started = time.time()
+    synthesizer = synthesizer_from_config(cfg.profiles, metadata, seed=cfg.run.seed).fit(frame)
+    reference = frame["last_seen"].max()
+    path = synthesizer.save(profile_checkpoint(cfg, ctx.run_id), {
+        "run_id": ctx.run_id, "input_versions": dict(ctx.input_versions),
+        "recency_reference": reference.isoformat(), "config": ctx.cfg.to_dict()})
+    ctx.artifacts["profile_checkpoint"] = str(path)
+    log.info("train: %s profile model on %d of %d profiles in %.1f s; validation %s", cfg.profiles.model,
+             len(frame), total, time.time() - started, synthesizer.validation)
+    return len(frame)
 
 
 def brand_ids(items, n_items: int) -> tuple[list[int], int]:

@@ -11,7 +11,7 @@ from synth.lake import Lake
 from synth.runner import main, run_stage
 
 TABLES = ("events", "quarantine", "sessions", "user_profiles", "item_catalog", "session_tokens",
-          "synthetic_events", "training_set", "metrics", "pipeline_runs")
+          "synthetic_events", "synthetic_user_profiles", "training_set", "metrics", "pipeline_runs")
 
 
 SMALL = """
@@ -20,8 +20,9 @@ input: {path: %(root)s/raw}
 simulator: {users: 150, items: 300, days: 2, shards: 2, bot_events: 80}
 clean: {pseudonym_key_file: %(root)s/key, bot_max_events_per_hour: 50}
 train: {max_steps: 30, d_model: 32, batch_size: 32, log_every: 10, checkpoint_dir: %(root)s/ckpt}
-generate: {sessions: 120, shards: 3}
-evaluate: {report_dir: %(root)s/reports}
+generate: {sessions: 120, shards: 3, profiles: 90}
+profiles: {epochs: 5}
+evaluate: {report_dir: %(root)s/reports, two_sample_classifier: logistic}
 spark: {shuffle_partitions: 4}
 """
 
@@ -75,6 +76,15 @@ def test_synthetic_events_use_real_items_with_their_attributes(pipeline):
     mismatched = items.join(catalog, "item_id", "left_anti").count()
     assert items.count() > 0 and mismatched == 0
     assert synthetic.where((F.col("event_type") != "search") & F.col("item_id").isNull()).count() == 0
+
+
+def test_synthetic_profiles_are_sampled_per_shard(pipeline):
+    cfg, lake, counts, _ = pipeline
+    profiles = lake.read("synthetic_user_profiles").df.where(F.col("run_id") == cfg.run.id)
+    rows = profiles.collect()
+    assert len(rows) == counts["generate"]["synthetic_profiles"] == 90
+    assert len({r.user_id for r in rows}) == 90
+    assert all(r.n_events == r.n_views + r.n_carts + r.n_purchases + r.n_searches for r in rows)
 
 
 def test_training_set_flags_real_and_synthetic_rows(pipeline):

@@ -11,7 +11,7 @@ N_ITEMS = 12  # catalogue items 1..12
 TRAIN_OVERRIDES = {
     "featurize.window": WINDOW, "train.max_steps": 20, "train.batch_size": 16, "train.learning_rate": 0.01,
     "train.d_model": 32, "train.n_layer": 1, "train.n_head": 2, "train.dropout": 0.0, "train.log_every": 5,
-    "train.cpu_threads": 1,
+    "train.cpu_threads": 1, "profiles.epochs": 2,
 }
 
 
@@ -51,7 +51,22 @@ def tiny_lake(spark, lake):
     # A second commit: the stage must pin and record the latest version, not version 0.
     tokens_version = version_of(
         lake.write(session_tokens_df(spark, seed=2), "session_tokens", app_id="test-featurize-1"))
-    return lake, {"item_catalog": catalog_version, "session_tokens": tokens_version}
+    profiles_version = version_of(lake.write(profiles_df(spark), "user_profiles", app_id="test-featurize"))
+    return lake, {"item_catalog": catalog_version, "session_tokens": tokens_version,
+                  "user_profiles": profiles_version}
+
+
+def profiles_df(spark, n=200):
+    import datetime as dt
+
+    start = dt.datetime(2026, 11, 1)
+    rows = [(f"u{i}", 1 + i % 3, 4 + i % 5, 3 + i % 4, i % 2, int(i % 3 == 0), int(i % 4 == 0),
+             10.0 * (i % 3 == 0), start + dt.timedelta(hours=i % 24), start + dt.timedelta(hours=24 + i % 24),
+             (i % 24) / 24.0, f"c{i % 3}", {f"c{i % 3}": 1.0}) for i in range(n)]
+    return spark.createDataFrame(rows, "user_id string, n_sessions long, n_events long, n_views long, n_carts long, "
+                                       "n_purchases long, n_searches long, monetary double, first_seen timestamp, "
+                                       "last_seen timestamp, recency_days double, top_category string, "
+                                       "category_affinity map<string,double>")
 
 
 def run_train(spark, lake, cfg):
@@ -76,7 +91,8 @@ def test_train_stage_writes_a_checkpoint_that_learned(spark, tiny_lake, make_cfg
     model, metadata = load_checkpoint(checkpoint)
 
     assert ctx.input_versions == versions
-    assert metadata["input_versions"] == versions
+    assert metadata["input_versions"] == {t: versions[t] for t in ("item_catalog", "session_tokens")}
+    assert Path(ctx.artifacts["profile_checkpoint"], "metadata.json").exists()
     assert metadata["seed"] == cfg.run.seed
     assert metadata["run_config"]["train"]["max_steps"] == 20
     assert metadata["vocab"] == {"n_event_types": 7, "n_items": N_ITEMS + 1, "n_categories": 4,
@@ -125,6 +141,7 @@ def test_train_stage_two_ranks_ddp(spark, lake, make_cfg, partitions):
     from synth.model import load_checkpoint
 
     lake.write(catalog_df(spark), "item_catalog", app_id="test-featurize")
+    lake.write(profiles_df(spark), "user_profiles", app_id="test-featurize")
     tokens = session_tokens_df(spark).repartition(partitions)
     version = version_of(lake.write(tokens, "session_tokens", app_id="test-featurize"))
     train_files = [u for u in lake.files("session_tokens", version) if "/split=train/" in u]
