@@ -42,24 +42,29 @@ def shard_sizes(total: int, shards: int) -> list[int]:
     return [total // shards + (1 if shard < total % shards else 0) for shard in range(shards)]
 
 
+def _unpacked(checkpoint_files, load):
+    """Load a broadcast checkpoint folder ({file name: bytes}) on an executor with `load(folder)`."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        for name, data in checkpoint_files.value.items():
+            Path(folder, name).write_bytes(data)
+        return load(folder)
+
+
 def _sampler(checkpoint_files, cfg, base_time: float):
     run_id, gen = cfg.run.id, cfg.generate
     sizes = shard_sizes(gen.sessions, gen.shards)
     edges = list(cfg.featurize.gap_bucket_edges)
 
     def sample(batches):
-        import tempfile
-
         import pyarrow as pa
         import torch
 
         from synth.model import load_checkpoint
 
         torch.set_num_threads(1)
-        with tempfile.TemporaryDirectory() as folder:
-            for name, data in checkpoint_files.value.items():
-                Path(folder, name).write_bytes(data)
-            model, _ = load_checkpoint(folder)
+        model, _ = _unpacked(checkpoint_files, load_checkpoint)
         model.eval()
         names = np.array([""] * 3 + [TOKEN_EVENTS[t] for t in sorted(TOKEN_EVENTS)], dtype=object)
         for batch in batches:
@@ -100,18 +105,13 @@ def _profile_sampler(checkpoint_files, cfg, reference: float):
     sizes = shard_sizes(cfg.generate.profiles, cfg.generate.shards)
 
     def sample(frames):
-        import tempfile
-
         import pandas as pd
         import torch
 
         from synth.tabular import load_synthesizer
 
         torch.set_num_threads(1)
-        with tempfile.TemporaryDirectory() as folder:
-            for name, data in checkpoint_files.value.items():
-                Path(folder, name).write_bytes(data)
-            synthesizer, _ = load_synthesizer(folder)
+        synthesizer, _ = _unpacked(checkpoint_files, load_synthesizer)
         for frame in frames:
             for shard in frame["id"].tolist():
                 if not sizes[shard]:

@@ -507,24 +507,21 @@ def _unwrap(model: nn.Module) -> SessionModel:
     return model
 
 
-def save_checkpoint(model: nn.Module, directory: str | os.PathLike, metadata: dict) -> Path:
-    """Write `directory`/model.pt (state_dict + model config) and metadata.json (`metadata` plus
-    model_config and model_sha256), atomically: both files are written to a temporary sibling folder
-    that is then renamed to `directory`, replacing an earlier checkpoint there."""
-    model = _unwrap(model)
+def write_checkpoint(directory: str | os.PathLike, payload: dict, record: dict) -> Path:
+    """Write `directory`/model.pt (torch.save of `payload`) and metadata.json (`record` plus model_file
+    and model_sha256) atomically: both go to a temporary sibling folder, fsynced, which then replaces
+    `directory`. Shared by every model checkpoint of the project."""
     target = Path(directory).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         model_file = staging / MODEL_FILE
         with open(model_file, "wb") as f:
-            torch.save({"model_config": asdict(model.config), "state_dict": state}, f)
+            torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        record = {**metadata, "model_config": asdict(model.config), "model_file": MODEL_FILE,
-                  "model_sha256": _sha256(model_file)}
+        record = {**record, "model_file": MODEL_FILE, "model_sha256": _sha256(model_file)}
         with open(staging / METADATA_FILE, "w") as f:
             json.dump(record, f, indent=2, sort_keys=True, default=str)
             f.flush()
@@ -541,6 +538,16 @@ def save_checkpoint(model: nn.Module, directory: str | os.PathLike, metadata: di
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def save_checkpoint(model: nn.Module, directory: str | os.PathLike, metadata: dict) -> Path:
+    """Write `directory`/model.pt (state_dict + model config) and metadata.json (`metadata` plus
+    model_config and model_sha256) atomically, replacing an earlier checkpoint there."""
+    model = _unwrap(model)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    config = asdict(model.config)
+    return write_checkpoint(directory, {"model_config": config, "state_dict": state},
+                            {**metadata, "model_config": config})
 
 
 def load_checkpoint(directory: str | os.PathLike, map_location: str | torch.device = "cpu"

@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import inspect
 import json
-import math
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from synth.model import METADATA_FILE, MODEL_FILE, CheckpointError, _sha256
+from synth.model import METADATA_FILE, MODEL_FILE, CheckpointError, _sha256, write_checkpoint
 
 SDTYPES = ("numerical", "categorical", "datetime")
 OTHER = "__other__"
@@ -694,40 +691,15 @@ class TabularSynthesizer:
         plus synthesizer, params, seed, curves, validation, fit info, model_sha256), atomically."""
         if self.transformer is None:
             raise RuntimeError(f"{type(self).__name__} is not fitted")
-        target = Path(directory).resolve()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
-            payload = {"format_version": FORMAT_VERSION, "synthesizer": self.name, "seed": self.seed,
-                       "params": self.params(), "network": self._network_config(),
-                       "transformer": self.transformer.state(),
-                       "state_dicts": {m: {k: v.detach().cpu() for k, v in getattr(self, m).state_dict().items()}
-                                       for m in self._modules}}
-            model_file = staging / MODEL_FILE
-            with open(model_file, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            record = {**(metadata or {}), "synthesizer": self.name, "seed": self.seed, "params": self.params(),
-                      "tabular_metadata": self.metadata.to_dict(), "curves": self.curves,
-                      "validation": self.validation, "fit": self.fit_info, "model_file": MODEL_FILE,
-                      "model_sha256": _sha256(model_file)}
-            with open(staging / METADATA_FILE, "w") as f:
-                json.dump(record, f, indent=2, sort_keys=True, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-                target.rename(old)
-            staging.rename(target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target
+        payload = {"format_version": FORMAT_VERSION, "synthesizer": self.name, "seed": self.seed,
+                   "params": self.params(), "network": self._network_config(),
+                   "transformer": self.transformer.state(),
+                   "state_dicts": {m: {k: v.detach().cpu() for k, v in getattr(self, m).state_dict().items()}
+                                   for m in self._modules}}
+        record = {**(metadata or {}), "synthesizer": self.name, "seed": self.seed, "params": self.params(),
+                  "tabular_metadata": self.metadata.to_dict(), "curves": self.curves,
+                  "validation": self.validation, "fit": self.fit_info}
+        return write_checkpoint(directory, payload, record)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "TabularSynthesizer":
