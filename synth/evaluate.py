@@ -662,34 +662,33 @@ def plots(profiles: Mapping[str, Profile], gap_bin_seconds: float) -> dict[str, 
     ax.legend(fontsize=8)
     out["Event type mix"] = _png(fig)
 
-    fig = Figure(figsize=(7, 3.5))
-    ax = fig.subplots()
-    for subject in subjects:
+    def log_log(title: str, xlabel: str, ylabel: str, curves: dict[str, tuple[list, list]]) -> None:
+        fig = Figure(figsize=(7, 3.5))
+        ax = fig.subplots()
+        for subject, (xs, ys) in curves.items():
+            ax.plot(xs, ys, marker="." if len(xs) < 100 else None, label=subject, color=_COLORS[subject])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        out[title] = _png(fig)
+
+    def lengths(subject: str) -> tuple[list, list]:
         hist = profiles[subject].lengths
         total = sum(hist.values()) or 1
-        xs = sorted(hist)
-        ax.plot(xs, [hist[x] / total for x in xs], marker=".", label=subject, color=_COLORS[subject])
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("session length (events)")
-    ax.set_ylabel("share of sessions")
-    ax.set_title("Session length distribution")
-    ax.legend(fontsize=8)
-    out["Session length distribution"] = _png(fig)
+        return sorted(hist), [hist[x] / total for x in sorted(hist)]
 
-    fig = Figure(figsize=(7, 3.5))
-    ax = fig.subplots()
-    for subject in subjects:
+    def ranks(subject: str) -> tuple[list, list]:
         counts = sorted(profiles[subject].items.values(), reverse=True)
         total = sum(counts) or 1
-        ax.plot(range(1, len(counts) + 1), [c / total for c in counts], label=subject, color=_COLORS[subject])
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("item rank")
-    ax.set_ylabel("share of item events")
-    ax.set_title("Item popularity rank curve")
-    ax.legend(fontsize=8)
-    out["Item popularity rank curve"] = _png(fig)
+        return list(range(1, len(counts) + 1)), [c / total for c in counts]
+
+    log_log("Session length distribution", "session length (events)", "share of sessions",
+            {subject: lengths(subject) for subject in subjects})
+    log_log("Item popularity rank curve", "item rank", "share of item events",
+            {subject: ranks(subject) for subject in subjects})
 
     fig = Figure(figsize=(7, 3.5))
     ax = fig.subplots()
