@@ -59,6 +59,7 @@ def _sampler(checkpoint_files, cfg, base_time: float):
 
     def sample(batches):
         import pyarrow as pa
+        import pyarrow.compute as pc
         import torch
 
         from synth.model import load_checkpoint
@@ -87,7 +88,8 @@ def _sampler(checkpoint_files, cfg, base_time: float):
                 offsets = cumulative - np.maximum.accumulate(np.where(first, cumulative, 0.0))
                 times = ((starts[session] + offsets) * 1e6).astype("int64")
                 yield pa.RecordBatch.from_arrays([
-                    pa.array([f"syn-{run_id}-{shard}-{s}" for s in session], pa.string()),
+                    pc.binary_join_element_wise(f"syn-{run_id}-{shard}-",
+                                                pa.array(session).cast(pa.string()), ""),
                     pa.array(np.full(len(session), shard, dtype=np.int32)),
                     pa.array(np.asarray(out["position"], dtype=np.int32)),
                     pa.array(times, pa.timestamp("us", tz="UTC")),
@@ -121,7 +123,7 @@ def _profile_sampler(checkpoint_files, cfg, reference: float):
                 rows["n_events"] = rows[counts].sum(axis=1)
                 last_seen = pd.to_datetime(rows["last_seen"], utc=True)
                 rows["recency_days"] = (reference - last_seen.astype("int64") / 1e9) / 86400.0
-                rows["user_id"] = [f"syn-user-{run_id}-{shard}-{i}" for i in range(len(rows))]
+                rows["user_id"] = f"syn-user-{run_id}-{shard}-" + pd.RangeIndex(len(rows)).astype(str)
                 yield rows[["user_id", "n_sessions", "n_events", *counts, "monetary", "first_seen", "last_seen",
                             "recency_days", "top_category"]]
 
