@@ -294,6 +294,10 @@ def child_main(args: argparse.Namespace) -> int:
     from synth.runner import run_stage, setup_logging
     from synth.spark import build_session
 
+    if args.pin_cpus:
+        # Pin before the JVM starts: it and the Python workers inherit the affinity, so local[1] really
+        # gets one core (without it the JVM's GC/JIT threads and the Python writer use a second one).
+        os.sched_setaffinity(0, set(args.pin_cpus))
     overrides = {
         "run.id": "bench",
         "input.source": "rees46",
@@ -309,6 +313,7 @@ def child_main(args: argparse.Namespace) -> int:
     setup_logging()
     me = os.getpid()
     result: dict = {"master": args.master, "config": overrides, "stages": {},
+                    "cpu_affinity": sorted(os.sched_getaffinity(0)),
                     "code": {"synth": str(Path(synth.__file__).parent), "digest": code_digest()}}
     clock = time.perf_counter()
     spark = build_session(cfg)
@@ -357,6 +362,11 @@ def run_master(args, master: str, tiles: Path, stamp: str, shuffle_partitions: i
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--master", master,
                "--input", str(tiles), "--lake", str(lake), "--result", str(result_path),
                "--shuffle-partitions", str(shuffle_partitions), "--driver-memory", args.driver_memory]
+    if args.pin:
+        available = sorted(os.sched_getaffinity(0))
+        if cores_of(master) > len(available):
+            raise SystemExit(f"--pin: {master} needs {cores_of(master)} CPUs, this process may use {available}")
+        command += ["--pin-cpus", ",".join(map(str, available[:cores_of(master)]))]
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable,
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     if args.conf:
@@ -491,7 +501,7 @@ def print_report(manifest: dict, results: list[dict], scale: dict, load_now: lis
                       f"wall clock {other:.1f} s (clock step or VM pause); the table uses the monotonic clock")
     for run in results:
         c = run["ledger"]["clean"]
-        print(f"{run['master']}: ledger raw {c['raw']:,} = clean {c['clean']:,} + quarantined {c['quarantined']:,} "
+        print(f"{run['master']}: CPU affinity {run.get('cpu_affinity', '?')}; ledger raw {c['raw']:,} = clean {c['clean']:,} + quarantined {c['quarantined']:,} "
               f"+ duplicates {c['duplicates']:,}; featurize {run['ledger']['featurize']}; "
               f"session start {run['session_start_seconds']:.1f} s")
         print(f"{run['master']}: lake commits (wall s, incl. computing what they write): " + ", ".join(
@@ -542,6 +552,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where to write the figures [default: <work-dir>/ingest-<timestamp>.json]")
     parser.add_argument("--keep-lake", action="store_true", help="keep each run's lake (deleted by default)")
     parser.add_argument("--retile", action="store_true", help="rewrite the tiles even when cached")
+    parser.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                        help="pin each run to as many CPUs as its master has cores (local[1] -> 1 CPU), so "
+                             "that per-core figures and the 2/1 ratio are honest; --no-pin lets the JVM's "
+                             "GC/JIT threads and the Python workers spread over every CPU [default: pin]")
     parser.add_argument("--report", type=Path, metavar="JSON",
                         help="print the table of an earlier run's JSON file again, and run nothing")
     # Internal: the per-master child process.
@@ -550,6 +564,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--lake", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--pin-cpus", type=lambda text: [int(c) for c in text.split(",")], help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 

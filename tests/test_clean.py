@@ -1,5 +1,6 @@
 import hashlib
 import hmac
+import re
 
 import pytest
 from pyspark.sql import functions as F
@@ -73,8 +74,10 @@ def test_events_are_typed_sessionized_and_pseudonymized(cleaned, lake):
     events = lake.read("events").df
     rows = events.orderBy("event_time", "event_type").collect()
     assert {r.event_type for r in rows} == {"view", "search", "cart", "purchase"}
-    assert all(r.user_id.startswith("u_") and r.user_id not in ("501", "502") for r in rows)
-    assert not any("501" in (r.session_id + r.user_id) for r in rows)
+    # Pseudonyms are pure hex digests (the key is random per test run, so a digest may contain "501"
+    # by chance): the format itself shows that no part of the raw id was kept.
+    assert all(re.fullmatch(r"u_[0-9a-f]{32}", r.user_id) for r in rows)
+    assert all(re.fullmatch(r"s_[0-9a-f]{32}", r.session_id) for r in rows)
     sessions = events.groupBy("user_id", "session_id").count().collect()
     assert sorted(r["count"] for r in sessions) == [1, 2, 4]
     search = next(r for r in rows if r.event_type == "search")
