@@ -20,7 +20,7 @@ import csv
 import datetime as dt
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -303,6 +303,15 @@ class _Limits:
     path: str
     max_line_chars: int
     max_field_chars: int
+    only: frozenset[str] | None = None  # read just these feed files (incremental runs); lookups read all
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    size: int
+    modification_time: dt.datetime
+    role: str  # "feed" (event rows) or "lookup" (joined onto every row)
 
 
 def _list_files(spark: SparkSession, path: str, glob: str) -> list[str]:
@@ -313,6 +322,10 @@ def _list_files(spark: SparkSession, path: str, glob: str) -> list[str]:
         if "PATH_NOT_FOUND" in str(exc) or "Path does not exist" in str(exc):
             raise FileNotFoundError(f"input.path {path} does not exist") from None
         raise
+
+
+def _only(files: list[str], limits: _Limits) -> list[str]:
+    return files if limits.only is None else [f for f in files if f in limits.only]
 
 
 def _first_line(spark: SparkSession, file: str, encoding: str) -> str | None:
@@ -533,7 +546,7 @@ def _read_typed(spark: SparkSession, src: _Files, wanted: list[str], required: s
     """Parquet files, a Delta table or a catalog table: raw_line is the row as JSON."""
     files = 0
     if src.format == "parquet":
-        paths = _list_files(spark, limits.path, src.files)
+        paths = _only(_list_files(spark, limits.path, src.files), limits)
         if not paths:
             return _Records(None, None)
         df, files = spark.read.option("mergeSchema", "true").parquet(*paths), len(paths)
@@ -578,7 +591,7 @@ def _read_records(spark: SparkSession, src: _Files, wanted: list[str], required:
     if src.format in ("parquet", "delta", "table"):
         records = _read_typed(spark, src, wanted, required, wanted_for, limits)
     else:
-        files = _list_files(spark, limits.path, src.files)
+        files = _only(_list_files(spark, limits.path, src.files), limits)
         if not files:
             return _Records(None, None)
         reader = _read_csv if src.format == "csv" else _read_json
@@ -781,7 +794,7 @@ def _apply_lookup(spark: SparkSession, rows: DataFrame, lookup: _Lookup, limits:
         wanted = [lookup.key, *map(str, lookup.match), *([lookup.latest_by] if lookup.latest_by else []),
                   *lookup.fields.values()]
     wanted = list(dict.fromkeys(wanted))
-    records = _read_records(spark, lookup, wanted, set(wanted), {}, limits)
+    records = _read_records(spark, lookup, wanted, set(wanted), {}, replace(limits, only=None))
     if records.df is None:
         if not lookup.optional:
             raise SourceError(f"{lookup.where}: no non-empty files matching {lookup.files!r} under {limits.path}")
@@ -832,11 +845,39 @@ def _date_bound(value: Any, key: str) -> dt.date | None:
         raise SourceError(f"{key} must be a date YYYY-MM-DD, not {value!r}") from None
 
 
-def read_source(spark: SparkSession, cfg) -> RawInput:
-    """Read `cfg.input.path` with the adapter of `cfg.input.source`, in the columns the clean stage checks."""
+def list_input_files(spark: SparkSession, cfg) -> list[InputFile] | None:
+    """Every file the adapter of `cfg.input.source` would read, with size and modification time; None
+    when a feed or lookup reads a table (Delta or catalog), whose changes files cannot describe."""
+    _, feeds, lookups = resolve_spec(cfg)
+    if any(src.format in ("delta", "table") for src in (*feeds, *lookups)):
+        return None
+    jvm = spark.sparkContext._jvm
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    found: dict[str, InputFile] = {}
+    for role, sources in (("feed", feeds), ("lookup", lookups)):
+        for src in sources:
+            try:
+                paths = _list_files(spark, str(cfg.input.path), src.files)
+            except AnalysisException:  # no file matches the glob
+                paths = []
+            for path in paths:
+                hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+                status = hadoop_path.getFileSystem(conf).getFileStatus(hadoop_path)
+                modified = dt.datetime.fromtimestamp(status.getModificationTime() / 1000, dt.timezone.utc)
+                found.setdefault(path, InputFile(path, status.getLen(), modified, role))
+    return sorted(found.values(), key=lambda f: f.path)
+
+
+def read_source(spark: SparkSession, cfg, files: set[str] | None = None) -> RawInput:
+    """Read `cfg.input.path` with the adapter of `cfg.input.source`, in the columns the clean stage checks.
+
+    `files` restricts the feeds to those files (as list_input_files names them; lookups are always read
+    whole); a feed without any of them is skipped, and no rows at all is then an empty result, not an error.
+    """
     source, feeds, lookups = resolve_spec(cfg)
     limits = _Limits(str(cfg.input.path), int(getattr(cfg.input, "max_line_chars", 65536)),
-                     int(getattr(cfg.input, "max_field_chars", 2048)))
+                     int(getattr(cfg.input, "max_field_chars", 2048)),
+                     None if files is None else frozenset(files))
     first = _date_bound(getattr(cfg.input, "from_date", None), "input.from_date")
     last = _date_bound(getattr(cfg.input, "to_date", None), "input.to_date")
     if first and last and first > last:
@@ -851,6 +892,8 @@ def read_source(spark: SparkSession, cfg) -> RawInput:
             if result:
                 log.warning("%s: all %d file(s) matching %r under %s are empty", feed.where, result, feed.files,
                             limits.path)
+            elif files is not None:
+                log.info("%s: none of the files to read this run", feed.where)
             elif not feed.optional:
                 raise SourceError(f"{feed.where}: no input files matching {feed.files!r} under {limits.path}")
             else:
@@ -862,6 +905,10 @@ def read_source(spark: SparkSession, cfg) -> RawInput:
             skips.append(skipped)
         missing |= {f for f in feed_missing if f not in feed.required}
         extra |= feed_extra
+    if not parts and files is not None:
+        empty = spark.createDataFrame([], ", ".join(
+            f"{c} {'timestamp' if c == 'event_time' else 'string'}" for c in SOURCE_COLUMNS))
+        return RawInput(empty, spark.createDataFrame([], _SKIPPED_SCHEMA))
     if not parts and empty_files:
         raise SourceError(f"{source}: all {empty_files} input file(s) under {limits.path} are empty")
     if not parts:

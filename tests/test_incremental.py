@@ -1,0 +1,92 @@
+"""Nightly incremental clean: new files add dates, late files rebuild their dates, removed files drop
+theirs, unchanged input does nothing, and the result always equals a full rebuild of the same files."""
+import os
+import shutil
+
+import pytest
+from pyspark.sql import functions as F
+
+from synth.lake import Lake
+from synth.runner import run_stage
+
+HEADER = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session"
+
+
+def _day(date: str, users=(501, 502), hours=(10, 11)) -> list[str]:
+    return [f"{date} {h:02d}:{m:02d}:00 UTC,view,{100 + u % 7 + m},5,cat.a,BrandX,10.00,{u},"
+            for u in users for h in hours for m in (0, 5)]
+
+
+def _write(raw, name: str, lines: list[str]) -> None:
+    raw.mkdir(parents=True, exist_ok=True)
+    (raw / name).write_text("\n".join([HEADER, *lines]) + "\n")
+
+
+def _events(lake: Lake) -> set[tuple]:
+    return {tuple(r) for r in lake.read("events").df.select(
+        "event_id", "session_id", "user_id", F.col("event_date").cast("string")).collect()}
+
+
+@pytest.fixture
+def nightly(spark, make_cfg, tmp_path):
+    """run(run_id) runs clean incrementally on tmp_path/raw; full() rebuilds the same files elsewhere."""
+    raw = tmp_path / "raw"
+
+    def run(run_id: str, **overrides):
+        cfg = make_cfg(**{"run.id": run_id, "input.source": "rees46", **overrides})
+        lake = Lake(spark, cfg.lake.root)
+        return run_stage("clean", cfg, spark, lake), lake
+
+    def full() -> set[tuple]:
+        shutil.rmtree(tmp_path / "full-lake", ignore_errors=True)
+        cfg = make_cfg(**{"run.id": "full", "input.source": "rees46", "lake.root": str(tmp_path / "full-lake")})
+        lake = Lake(spark, cfg.lake.root)
+        run_stage("clean", cfg, spark, lake)
+        return _events(lake)
+
+    return raw, run, full
+
+
+def test_nightly_runs_process_only_what_changed(nightly):
+    raw, run, full = nightly
+    _write(raw, "2026-11-01.csv", _day("2026-11-01"))
+    _write(raw, "2026-11-02.csv", _day("2026-11-02"))
+    counts, lake = run("n1")
+    assert counts["raw"] == counts["clean"] == 16 and counts["files_read"] == 2
+
+    counts, _ = run("n2")
+    assert counts == {"raw": 0, "clean": 0, "quarantined": 0, "duplicates": 0, "files_read": 0}
+
+    # A new day, and a late file for 2026-11-01 holding one exact copy of an event already there.
+    _write(raw, "2026-11-03.csv", _day("2026-11-03"))
+    _write(raw, "late-2026-11-01.csv", _day("2026-11-01", users=(503,)) + [_day("2026-11-01")[0]])
+    before = {e for e in _events(lake) if e[3] == "2026-11-02"}
+    counts, _ = run("n3")
+    # Read: the two new files and 2026-11-01.csv (same date as the late file); not 2026-11-02.csv.
+    assert counts["files_read"] == 3
+    assert counts["raw"] == 8 + 5 + 8 and counts["duplicates"] == 1 and counts["clean"] == 8 + 4 + 8
+    assert {e for e in _events(lake) if e[3] == "2026-11-02"} == before
+    assert _events(lake) == full()
+    ledger = {os.path.basename(r.path): r for r in lake.read("raw_files").df.collect()}
+    assert sorted(ledger) == ["2026-11-01.csv", "2026-11-02.csv", "2026-11-03.csv", "late-2026-11-01.csv"]
+    assert ledger["2026-11-02.csv"].run_id == "n1" and ledger["late-2026-11-01.csv"].run_id == "n3"
+    assert [str(d) for d in ledger["2026-11-03.csv"].event_dates] == ["2026-11-03"]
+
+    # Files removed upstream take their dates' events with them.
+    (raw / "2026-11-03.csv").unlink()
+    counts, _ = run("n4")
+    assert counts["raw"] == 0 and counts["files_read"] == 0
+    assert {e[3] for e in _events(lake)} == {"2026-11-01", "2026-11-02"}
+    assert _events(lake) == full()
+
+
+def test_changed_options_or_force_rebuild_everything(nightly):
+    raw, run, _ = nightly
+    _write(raw, "2026-11-01.csv", _day("2026-11-01"))
+    _write(raw, "2026-11-02.csv", _day("2026-11-02"))
+    run("n1")
+    counts, lake = run("n2", **{"clean.session_gap_minutes": 10})
+    assert counts["files_read"] == 2 and counts["raw"] == 16
+    assert "options" in lake.read("pipeline_runs").df.where("run_id = 'n2'").first().artifacts["mode"]
+    counts, _ = run("n3", **{"clean.session_gap_minutes": 10, "clean.incremental": False})
+    assert counts["files_read"] == 2 and counts["raw"] == 16
