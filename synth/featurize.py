@@ -4,8 +4,16 @@
 run to the next, and newcomers are appended after the largest id, so checkpoints trained on an
 older vocabulary still point at the same items. `session_tokens` is the encoding the session model
 trains on: fixed-length windows of BOS, event tokens, EOS and padding.
+
+`sessions` is rebuilt only for the event dates clean rebuilt since the last featurize run (sessions
+never cross UTC midnight); the catalogue, profiles and token windows aggregate over all dates and are
+recomputed each run.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import logging
 
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
@@ -13,6 +21,8 @@ from pyspark.sql import functions as F
 PAD, BOS, EOS = 0, 1, 2
 EVENT_TOKENS = {"view": 3, "cart": 4, "purchase": 5, "search": 6}
 TOKEN_EVENTS = {token: name for name, token in EVENT_TOKENS.items()}
+
+log = logging.getLogger(__name__)
 
 
 def _append_ids(current: DataFrame, known: DataFrame, key: str, id_column: str) -> DataFrame:
@@ -49,7 +59,7 @@ def build_sessions(events: DataFrame, catalog: DataFrame, holdout_percent: int) 
     gap = F.col("event_time").cast("double") - F.lag(F.col("event_time").cast("double")).over(in_session)
     steps = (events.join(catalog.select("item_id", "item_idx"), "item_id", "left")
              .withColumn("gap", F.coalesce(gap, F.lit(0.0))))
-    ordered = steps.groupBy("session_id", "user_id").agg(F.sort_array(F.collect_list(F.struct(
+    ordered = steps.groupBy("session_id", "user_id", "event_date").agg(F.sort_array(F.collect_list(F.struct(
         "event_time", "event_id", "event_type", "item_id",
         F.coalesce("item_idx", F.lit(0)).alias("item_idx"), "category", "price", "gap"))).alias("e"))
     holdout = F.pmod(F.xxhash64("session_id"), F.lit(100)) < holdout_percent
@@ -59,7 +69,7 @@ def build_sessions(events: DataFrame, catalog: DataFrame, holdout_percent: int) 
         F.col("e.item_id").alias("item_ids"), F.col("e.item_idx").alias("item_idx"),
         F.col("e.category").alias("categories"), F.col("e.price").alias("prices"),
         F.col("e.gap").alias("gap_seconds"),
-        F.when(holdout, "holdout").otherwise("train").alias("split"))
+        F.when(holdout, "holdout").otherwise("train").alias("split"), "event_date")
 
 
 def build_user_profiles(events: DataFrame) -> DataFrame:
@@ -143,16 +153,55 @@ def build_session_tokens(sessions: DataFrame, catalog: DataFrame, contexts: Data
         "user_category_idx", "split")
 
 
+def _options(cfg) -> str:
+    return hashlib.sha256(json.dumps(cfg.featurize.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dates_to_rebuild(ctx) -> list[str] | None:
+    """Event dates clean rebuilt since the last featurize run, or None when every date must be rebuilt."""
+    if ctx.force or not ctx.lake.exists("sessions"):
+        return None
+    ledger = (ctx.lake.read("pipeline_runs").df.where(F.col("stage").isin("clean", "featurize"))
+              .select("stage", "finished_at", "input_versions", "output_versions", "artifacts").collect())
+    featurized = [r for r in ledger if r.stage == "featurize"]
+    if not featurized:
+        return None
+    last = max(featurized, key=lambda r: r.finished_at)
+    if (last.artifacts or {}).get("options") != _options(ctx.cfg) or "events" not in (last.input_versions or {}):
+        return None
+    since = last.input_versions["events"]
+    dates: set[str] = set()
+    for run in ledger:
+        if run.stage == "clean" and (run.output_versions or {}).get("events", -1) > since:
+            rebuilt = (run.artifacts or {}).get("event_dates")
+            if rebuilt is None:  # a full clean rebuild
+                return None
+            dates |= set(filter(None, rebuilt.split(",")))
+    return sorted(dates)
+
+
 def run(ctx) -> dict[str, int]:
     cfg = ctx.cfg.featurize
+    ctx.artifacts["options"] = _options(ctx.cfg)
+    dates = _dates_to_rebuild(ctx)
     events = ctx.read("events").df
     previous = ctx.read("item_catalog").df if ctx.lake.exists("item_catalog") else None
     catalog_commit = ctx.write(build_item_catalog(events, previous), "item_catalog")
     catalog = ctx.lake.read("item_catalog", catalog_commit.version).df
 
-    sessions = build_sessions(events, catalog, cfg.holdout_percent)
-    sessions_commit = ctx.write(sessions, "sessions")
-    sessions = ctx.lake.read("sessions", sessions_commit.version).df
+    if dates is None:
+        log.info("featurize: building the sessions of every date")
+        sessions_written = ctx.write(build_sessions(events, catalog, cfg.holdout_percent), "sessions").rows
+    elif dates:
+        log.info("featurize: rebuilding the sessions of %d date(s) clean rebuilt: %s", len(dates), ", ".join(dates))
+        changed = events.where(F.col("event_date").isin(dates))
+        sessions_written = ctx.write(build_sessions(changed, catalog, cfg.holdout_percent), "sessions",
+                                     replace={"event_date": dates}).rows
+    else:
+        log.info("featurize: no event dates changed since the last run; sessions stay as they are")
+        sessions_written = 0
+    ctx.artifacts["session_dates"] = "all" if dates is None else ",".join(dates)
+    sessions = ctx.lake.read("sessions").df
     profiles_commit = ctx.write(build_user_profiles(events), "user_profiles")
     profiles = ctx.lake.read("user_profiles", profiles_commit.version).df
     # Several files per split so Petastorm can shard them across training processes.
@@ -160,5 +209,5 @@ def run(ctx) -> dict[str, int]:
                                   cfg.gap_bucket_edges)
     tokens_commit = ctx.write(tokens.repartition(max(4, ctx.cfg.train.num_processes), "session_id"),
                               "session_tokens")
-    return {"items": catalog_commit.rows, "sessions": sessions_commit.rows,
+    return {"items": catalog_commit.rows, "sessions": sessions.count(), "sessions_written": sessions_written,
             "users": profiles_commit.rows, "token_windows": tokens_commit.rows}

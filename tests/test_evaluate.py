@@ -252,7 +252,8 @@ def _sessions_rows():
         for sid, events in sessions.items():
             rows.append((sid, f"u-{sid}", START, len(events), [e[0] for e in events], [e[1] for e in events],
                          [int(e[1][1]) if e[1] else 0 for e in events], [e[2] for e in events],
-                         [PRICE] * len(events), [float(e[3]) for e in events], split))
+                         [PRICE] * len(events), [float(e[3]) for e in events], split,
+                         START.date()))
     return rows
 
 

@@ -22,6 +22,10 @@ def _write(raw, name: str, lines: list[str]) -> None:
     (raw / name).write_text("\n".join([HEADER, *lines]) + "\n")
 
 
+def _sessions(lake: Lake) -> set[tuple]:
+    return {(r.session_id, tuple(r.item_ids), r.split, str(r.event_date)) for r in lake.read("sessions").df.collect()}
+
+
 def _events(lake: Lake) -> set[tuple]:
     return {tuple(r) for r in lake.read("events").df.select(
         "event_id", "session_id", "user_id", F.col("event_date").cast("string")).collect()}
@@ -29,20 +33,26 @@ def _events(lake: Lake) -> set[tuple]:
 
 @pytest.fixture
 def nightly(spark, make_cfg, tmp_path):
-    """run(run_id) runs clean incrementally on tmp_path/raw; full() rebuilds the same files elsewhere."""
+    """run(run_id) runs clean (and featurize) incrementally on tmp_path/raw; full() rebuilds the same
+    files in another lake and returns it."""
     raw = tmp_path / "raw"
 
-    def run(run_id: str, **overrides):
+    def run(run_id: str, featurize=False, **overrides):
         cfg = make_cfg(**{"run.id": run_id, "input.source": "rees46", **overrides})
         lake = Lake(spark, cfg.lake.root)
-        return run_stage("clean", cfg, spark, lake), lake
+        counts = run_stage("clean", cfg, spark, lake)
+        if featurize:
+            counts["featurize"] = run_stage("featurize", cfg, spark, lake)
+        return counts, lake
 
-    def full() -> set[tuple]:
+    def full(featurize=False) -> Lake:
         shutil.rmtree(tmp_path / "full-lake", ignore_errors=True)
         cfg = make_cfg(**{"run.id": "full", "input.source": "rees46", "lake.root": str(tmp_path / "full-lake")})
         lake = Lake(spark, cfg.lake.root)
         run_stage("clean", cfg, spark, lake)
-        return _events(lake)
+        if featurize:
+            run_stage("featurize", cfg, spark, lake)
+        return lake
 
     return raw, run, full
 
@@ -51,7 +61,7 @@ def test_nightly_runs_process_only_what_changed(nightly):
     raw, run, full = nightly
     _write(raw, "2026-11-01.csv", _day("2026-11-01"))
     _write(raw, "2026-11-02.csv", _day("2026-11-02"))
-    counts, lake = run("n1")
+    counts, lake = run("n1", featurize=True)
     assert counts["raw"] == counts["clean"] == 16 and counts["files_read"] == 2
 
     counts, _ = run("n2")
@@ -61,12 +71,16 @@ def test_nightly_runs_process_only_what_changed(nightly):
     _write(raw, "2026-11-03.csv", _day("2026-11-03"))
     _write(raw, "late-2026-11-01.csv", _day("2026-11-01", users=(503,)) + [_day("2026-11-01")[0]])
     before = {e for e in _events(lake) if e[3] == "2026-11-02"}
-    counts, _ = run("n3")
+    counts, _ = run("n3", featurize=True)
     # Read: the two new files and 2026-11-01.csv (same date as the late file); not 2026-11-02.csv.
     assert counts["files_read"] == 3
     assert counts["raw"] == 8 + 5 + 8 and counts["duplicates"] == 1 and counts["clean"] == 8 + 4 + 8
     assert {e for e in _events(lake) if e[3] == "2026-11-02"} == before
-    assert _events(lake) == full()
+    rebuilt = full(featurize=True)
+    assert _events(lake) == _events(rebuilt)
+    # featurize rebuilt the sessions of the two dates clean rebuilt, and they match a full rebuild.
+    assert (counts["featurize"]["sessions_written"], counts["featurize"]["sessions"]) == (6 + 4, 14)
+    assert _sessions(lake) == _sessions(rebuilt)
     ledger = {os.path.basename(r.path): r for r in lake.read("raw_files").df.collect()}
     assert sorted(ledger) == ["2026-11-01.csv", "2026-11-02.csv", "2026-11-03.csv", "late-2026-11-01.csv"]
     assert ledger["2026-11-02.csv"].run_id == "n1" and ledger["late-2026-11-01.csv"].run_id == "n3"
@@ -77,7 +91,7 @@ def test_nightly_runs_process_only_what_changed(nightly):
     counts, _ = run("n4")
     assert counts["raw"] == 0 and counts["files_read"] == 0
     assert {e[3] for e in _events(lake)} == {"2026-11-01", "2026-11-02"}
-    assert _events(lake) == full()
+    assert _events(lake) == _events(full())
 
 
 def test_changed_options_or_force_rebuild_everything(nightly):
