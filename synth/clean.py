@@ -64,6 +64,11 @@ def hmac_sha256(key: bytes, message: Column) -> Column:
     return F.sha2(F.concat(F.unhex(F.lit(outer_pad)), inner), 256)
 
 
+def _plausible(event_time: Column, cfg) -> Column:
+    return ((event_time >= F.lit(str(cfg.clean.time_floor)).cast("timestamp"))
+            & (event_time <= F.current_timestamp() + F.expr("INTERVAL 1 DAY")))
+
+
 def _checked(rows: DataFrame, cfg, price_required: bool = True) -> DataFrame:
     """Name the first rule each raw row breaks (reason null = valid), with a detail for the reader.
 
@@ -77,9 +82,7 @@ def _checked(rows: DataFrame, cfg, price_required: bool = True) -> DataFrame:
         (F.col("event_time_raw").isNull(), "missing_time", F.lit("no event time")),
         (F.col("event_time").isNull(), "bad_timestamp",
          F.concat(F.lit("unparseable time '"), F.col("event_time_raw"), F.lit("'"))),
-        ((F.col("event_time") < F.lit(str(cfg.clean.time_floor)).cast("timestamp"))
-         | (F.col("event_time") > F.current_timestamp() + F.expr("INTERVAL 1 DAY")),
-         "impossible_timestamp",
+        (~_plausible(F.col("event_time"), cfg), "impossible_timestamp",
          F.concat(F.lit("time "), F.col("event_time_raw"), F.lit(" is before the floor or in the future"))),
         (F.col("event_type").isNull(), "unknown_event_type",
          F.concat(F.lit("event type '"), F.coalesce(F.col("event_type_raw"), F.lit("")), F.lit("'"))),
@@ -153,10 +156,15 @@ def _fingerprint(cfg, key: bytes) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _file_dates(rows: DataFrame) -> dict[str, tuple[list[dt.date], int]]:
-    """Per source file: the UTC dates of its rows with a parsed time, and its row count (one row per file)."""
+def _file_dates(rows: DataFrame, cfg) -> dict[str, tuple[list[dt.date], int]]:
+    """Per source file: the UTC dates its rows could be events of, and its row count (one row per file).
+
+    Rows with impossible times are left out: they are quarantined whatever else is read, and their
+    odd dates (1970-01-01, ...) would otherwise tie unrelated files together.
+    """
+    date = F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time"))
     stats = rows.groupBy("source_file").agg(
-        F.array_sort(F.collect_set(F.to_date("event_time"))).alias("dates"), F.count("*").alias("rows"))
+        F.array_sort(F.collect_set(date)).alias("dates"), F.count("*").alias("rows"))
     return {_listed(r.source_file): (list(r.dates), r["rows"]) for r in stats.collect()}
 
 
@@ -193,7 +201,7 @@ def _plan(ctx, key: bytes) -> _Plan:
         return plan
     plan.previous = previous
     new_rows = read_source(spark, cfg, files={f.path for f in changed}).rows
-    dates = {d for file_dates, _ in _file_dates(new_rows).values() for d in file_dates}
+    dates = {d for file_dates, _ in _file_dates(new_rows, cfg).values() for d in file_dates}
     dates |= {d for r in previous if r.path not in present or r.path in {f.path for f in changed}
               for d in r.event_dates}
     files = {f.path for f in changed}
@@ -299,7 +307,7 @@ def run(ctx) -> dict[str, int]:
     replace = None if plan.full else {"event_date": [d.isoformat() for d in plan.dates]}
     clean_count = ctx.write(_sessionize(events, cfg, key), "events", replace=replace).rows
     if plan.inventory is not None:
-        ctx.write(_raw_files(ctx, plan, _file_dates(typed)), "raw_files")
+        ctx.write(_raw_files(ctx, plan, _file_dates(typed, cfg)), "raw_files")
     typed.unpersist()
     duplicates = valid_count - by_reason.get("bot_user", 0) - clean_count
 
