@@ -151,7 +151,8 @@ def _fingerprint(cfg, key: bytes) -> str:
     """Changes when anything that shapes the events changes: input and clean options, or the key."""
     options = {"input": cfg.input.to_dict(),
                "clean": {k: v for k, v in cfg.clean.to_dict().items()
-                         if k not in ("incremental", "pseudonym_key_env", "pseudonym_key_file")},
+                         if k not in ("incremental", "max_quarantine_share", "pseudonym_key_env",
+                                      "pseudonym_key_file")},
                "key": hmac.new(key, b"synth input fingerprint", hashlib.sha256).hexdigest()}
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -45,9 +45,10 @@ def nightly(spark, make_cfg, tmp_path):
             counts["featurize"] = run_stage("featurize", cfg, spark, lake)
         return counts, lake
 
-    def full(featurize=False) -> Lake:
+    def full(featurize=False, **overrides) -> Lake:
         shutil.rmtree(tmp_path / "full-lake", ignore_errors=True)
-        cfg = make_cfg(**{"run.id": "full", "input.source": "rees46", "lake.root": str(tmp_path / "full-lake")})
+        cfg = make_cfg(**{"run.id": "full", "input.source": "rees46", "lake.root": str(tmp_path / "full-lake"),
+                          **overrides})
         lake = Lake(spark, cfg.lake.root)
         run_stage("clean", cfg, spark, lake)
         if featurize:
@@ -104,3 +105,16 @@ def test_changed_options_or_force_rebuild_everything(nightly):
     assert "options" in lake.read("pipeline_runs").df.where("run_id = 'n2'").first().artifacts["mode"]
     counts, _ = run("n3", **{"clean.session_gap_minutes": 10, "clean.incremental": False})
     assert counts["files_read"] == 2 and counts["raw"] == 16
+
+
+def test_a_file_rewritten_upstream_replaces_its_dates(nightly):
+    raw, run, full = nightly
+    _write(raw, "2026-11-01.csv", _day("2026-11-01"))
+    _write(raw, "2026-11-02.csv", _day("2026-11-02"))
+    run("n1")
+    _write(raw, "2026-11-02.csv", _day("2026-11-02", users=(502,)) + ["2026-11-02 10:00:00 UTC,view,100"])
+    # The alert threshold is not an option that shapes events: changing it rebuilds nothing.
+    counts, lake = run("n2", **{"clean.max_quarantine_share": 0.5})
+    assert (counts["files_read"], counts["raw"], counts["clean"], counts["quarantined"]) == (1, 5, 4, 1)
+    assert sum(e[3] == "2026-11-02" for e in _events(lake)) == 4
+    assert _events(lake) == _events(full(**{"clean.max_quarantine_share": 0.5}))
