@@ -303,8 +303,9 @@ def run(ctx) -> dict[str, int]:
             f"WHERE run_id = '{ctx.run_id}' GROUP BY reason")
 
     # Exact duplicates share all canonical fields: one event is kept (from the first file).
-    events = (flagged.where(F.col("peak").isNull()).groupBy(*_CANONICAL)
-              .agg(F.min("source_file").alias("source_file")))
+    # One shuffle by user serves both the de-duplication and the session windows.
+    events = (flagged.where(F.col("peak").isNull()).select(*_CANONICAL, "source_file").repartition("user_id")
+              .groupBy(*_CANONICAL).agg(F.min("source_file").alias("source_file")))
     replace = None if plan.full else {"event_date": [d.isoformat() for d in plan.dates]}
     clean_count = ctx.write(_sessionize(events, cfg, key), "events", replace=replace).rows
     if plan.inventory is not None:

@@ -55,20 +55,19 @@ def build_item_catalog(events: DataFrame, previous: DataFrame | None) -> DataFra
 
 
 def build_sessions(events: DataFrame, catalog: DataFrame, holdout_percent: int) -> DataFrame:
-    in_session = Window.partitionBy("session_id").orderBy("event_time", "event_id")
-    gap = F.col("event_time").cast("double") - F.lag(F.col("event_time").cast("double")).over(in_session)
-    steps = (events.join(catalog.select("item_id", "item_idx"), "item_id", "left")
-             .withColumn("gap", F.coalesce(gap, F.lit(0.0))))
+    steps = events.join(catalog.select("item_id", "item_idx"), "item_id", "left")
     ordered = steps.groupBy("session_id", "user_id", "event_date").agg(F.sort_array(F.collect_list(F.struct(
-        "event_time", "event_id", "event_type", "item_id",
-        F.coalesce("item_idx", F.lit(0)).alias("item_idx"), "category", "price", "gap"))).alias("e"))
+        F.col("event_time").cast("double").alias("t"), "event_time", "event_id", "event_type", "item_id",
+        F.coalesce("item_idx", F.lit(0)).alias("item_idx"), "category", "price"))).alias("e"))
+    # Gaps from the sorted array, not a window: that would sort every event once more.
+    gaps = F.transform("e", lambda x, i: F.when(i == 0, F.lit(0.0)).otherwise(x["t"] - F.col("e")[i - 1]["t"]))
     holdout = F.pmod(F.xxhash64("session_id"), F.lit(100)) < holdout_percent
-    return ordered.select(
+    return ordered.withColumn("gap", gaps).select(
         "session_id", "user_id", F.col("e")[0]["event_time"].alias("start_time"),
         F.size("e").alias("n_events"), F.col("e.event_type").alias("event_types"),
         F.col("e.item_id").alias("item_ids"), F.col("e.item_idx").alias("item_idx"),
         F.col("e.category").alias("categories"), F.col("e.price").alias("prices"),
-        F.col("e.gap").alias("gap_seconds"),
+        F.col("gap").alias("gap_seconds"),
         F.when(holdout, "holdout").otherwise("train").alias("split"), "event_date")
 
 
