@@ -20,6 +20,7 @@ from synth.model import check_vocabulary
 
 log = logging.getLogger(__name__)
 
+GAP_QUANTILES = 200  # real gap values per gap bucket that synthetic gaps are drawn from (gap_quantiles)
 _SAMPLE_DDL = ("session_id string, shard int, position int, event_time timestamp, event_type string, "
                "item_idx int")
 
@@ -29,13 +30,39 @@ def shard_seed(seed: int, run_id: str, shard: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def gap_seconds(buckets: np.ndarray, edges: list[float], rng: np.random.Generator) -> np.ndarray:
-    """Draw a time gap inside each gap bucket (the inverse of featurize.gap_bucket)."""
+def gap_seconds(buckets: np.ndarray, edges: list[float], rng: np.random.Generator,
+                quantiles: list[list[float]] | None = None) -> np.ndarray:
+    """Draw a time gap inside each gap bucket (the inverse of featurize.gap_bucket): one of the bucket's
+    real gap `quantiles` (gap_quantiles, index = bucket) at random, or uniformly between the bucket's edges
+    for a bucket without quantiles."""
     edges = np.asarray(edges, dtype=float)
     lower = edges[np.clip(buckets - 1, 0, len(edges) - 1)]
     upper = np.concatenate([edges, [edges[-1] * 4]])[np.clip(buckets, 0, len(edges))]
-    gaps = rng.uniform(lower, upper)
-    return np.where(buckets == 0, 0.0, gaps)
+    gaps = np.where(buckets == 0, 0.0, rng.uniform(lower, upper))
+    u = rng.random(len(buckets))
+    for bucket, values in enumerate(quantiles or []):
+        if values:
+            chosen = buckets == bucket
+            gaps[chosen] = np.asarray(values, dtype=float)[(u[chosen] * len(values)).astype(int)]
+    return gaps
+
+
+def gap_quantiles(train_sessions, edges: list[float], n: int = GAP_QUANTILES) -> list[list[float]]:
+    """Per gap bucket (index = bucket), `n` evenly spaced quantiles of the real time gaps between consecutive
+    events of `train_sessions` that fall in it ([] for an empty bucket). The model predicts only a bucket;
+    drawing the gap among these values gives synthetic gaps the real shape inside a bucket (mostly short
+    gaps, whole seconds where the source has whole seconds) instead of a flat one, as the catalogue gives
+    sampled items their real attributes."""
+    from synth.featurize import gap_bucket
+
+    levels = [(k + 0.5) / n for k in range(n)]
+    rows = (train_sessions.select(F.posexplode("gap_seconds").alias("pos", "gap")).where(F.col("pos") > 0)
+            .withColumn("bucket", gap_bucket(F.col("gap"), edges))
+            .groupBy("bucket").agg(F.percentile_approx("gap", levels, 10000).alias("q")).collect())
+    out: list[list[float]] = [[] for _ in range(len(edges) + 1)]
+    for row in rows:
+        out[int(row.bucket)] = [float(x) for x in row.q]
+    return out
 
 
 def shard_sizes(total: int, shards: int) -> list[int]:
@@ -52,7 +79,7 @@ def _unpacked(checkpoint_files, load):
         return load(folder)
 
 
-def _sampler(checkpoint_files, cfg, base_time: float):
+def _sampler(checkpoint_files, cfg, base_time: float, gap_quantiles: list[list[float]] | None):
     run_id, gen = cfg.run.id, cfg.generate
     sizes = shard_sizes(gen.sessions, gen.shards)
     edges = list(cfg.featurize.gap_bucket_edges)
@@ -80,13 +107,15 @@ def _sampler(checkpoint_files, cfg, base_time: float):
                                        max_events=gen.max_events)
                 rng = np.random.default_rng(seed)
                 session = np.asarray(out["session"])
-                starts = base_time + rng.uniform(0, 86400, size=max(sizes[shard], 1))
-                gaps = gap_seconds(np.asarray(out["gap_bucket"]), edges, rng)
-                # Event time = the session's start + the running sum of gaps within the session.
-                cumulative = np.cumsum(gaps)
+                starts = np.round((base_time + rng.uniform(0, 86400, size=max(sizes[shard], 1))) * 1e6)
+                gaps = gap_seconds(np.asarray(out["gap_bucket"]), edges, rng, gap_quantiles)
+                # Event time = the session's start + the running sum of gaps within the session, in whole
+                # microseconds: float seconds near 1.6e9 would shift a whole-second gap by a rounding error
+                # (5 s becoming 4.999999 s, a different second).
+                cumulative = np.cumsum(np.round(gaps * 1e6).astype("int64"))
                 first = np.r_[True, session[1:] != session[:-1]] if len(session) else np.array([], bool)
-                offsets = cumulative - np.maximum.accumulate(np.where(first, cumulative, 0.0))
-                times = ((starts[session] + offsets) * 1e6).astype("int64")
+                offsets = cumulative - np.maximum.accumulate(np.where(first, cumulative, 0))
+                times = starts.astype("int64")[session] + offsets
                 yield pa.RecordBatch.from_arrays([
                     pc.binary_join_element_wise(f"syn-{run_id}-{shard}-",
                                                 pa.array(session).cast(pa.string()), ""),
@@ -160,13 +189,15 @@ def run(ctx) -> dict[str, int]:
     catalog = ctx.read("item_catalog").df
     sizes = catalog.agg(F.max("item_idx").alias("items"), F.max("category_idx").alias("categories")).first()
     check_vocabulary(metadata, sizes["items"] + 1, sizes["categories"] + 1)
-    last_real = ctx.read("sessions").df.agg(F.max("start_time")).first()[0]
+    sessions = ctx.read("sessions").df
+    last_real = sessions.agg(F.max("start_time")).first()[0]
+    gaps = gap_quantiles(sessions.where(F.col("split") == "train"), list(cfg.featurize.gap_bucket_edges))
     base = dt.datetime.combine(last_real.date() + dt.timedelta(days=1), dt.time(), dt.timezone.utc).timestamp()
 
     files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
     shards = cfg.generate.shards
     sampled = (spark.range(shards, numPartitions=shards)
-               .mapInArrow(_sampler(spark.sparkContext.broadcast(files), cfg, base), _SAMPLE_DDL))
+               .mapInArrow(_sampler(spark.sparkContext.broadcast(files), cfg, base, gaps), _SAMPLE_DDL))
     events = (sampled.join(F.broadcast(catalog.select("item_idx", "item_id", "category", "brand", "price")),
                            "item_idx", "left")
               .withColumn("run_id", F.lit(ctx.run_id)).drop("item_idx"))

@@ -18,6 +18,12 @@ table of item ids built from the catalogue), so the catalogue never needs a full
 an item event is the item's catalogue category, so sampled items always carry their real category.
 Searches and EOS have category 0 and item 0.
 
+Real sessions keep returning to what they already touched: the same item viewed again, carted, bought.
+The category and item heads therefore add a copy bonus (pointer-network style) to the logits of the
+categories and items of the window's earlier item events, weighted per kind of earlier event (view, cart,
+purchase, most recent) by coefficients computed from the hidden state; the gap head is told whether the
+drawn item repeats one of the window.
+
 Event-type tokens (session_tokens contract): 0 pad, 1 BOS, 2 EOS, 3 view, 4 cart, 5 purchase, 6 search.
 """
 from __future__ import annotations
@@ -40,6 +46,10 @@ PAD, BOS, EOS, VIEW, CART, PURCHASE, SEARCH = range(7)
 ITEM_EVENTS = (VIEW, CART, PURCHASE)  # event types that carry an item
 SAMPLED_EVENTS = (EOS, VIEW, CART, PURCHASE, SEARCH)  # event types `sample` may draw
 CONTEXT_DIM = 7  # len(synth.featurize.USER_CONTEXT)
+# Copy features of a candidate item: viewed / carted / purchased earlier in the window, is the last item.
+COPY_ITEM_FEATURES = 4
+# Copy features of a candidate category: holds an earlier item of the window, holds the last item.
+COPY_CATEGORY_FEATURES = 2
 
 MODEL_FILE = "model.pt"
 METADATA_FILE = "metadata.json"
@@ -148,13 +158,19 @@ class Block(nn.Module):
 
 class SessionModel(nn.Module):
     def __init__(self, cfg: SessionModelConfig, item_category=None, item_brand=None, item_price_bucket=None,
-                 context_bank=None, context_bank_category=None):
+                 context_bank=None, context_bank_category=None, event_types_seen=None):
         """`item_category`, `item_brand` and `item_price_bucket` ([n_items] ids, index = item_idx) come
         from the catalogue and are stored as buffers, so a checkpoint samples with nothing else.
         `context_bank` [N, context_dim] / `context_bank_category` [N] are optional training contexts
-        that `draw_contexts` resamples for generation."""
+        that `draw_contexts` resamples for generation. `event_types_seen` [n_event_types] bools (default
+        all) marks the event types of the training data; `sample` never draws another one."""
         super().__init__()
         self.config = cfg
+        seen = torch.ones(cfg.n_event_types, dtype=torch.bool) if event_types_seen is None else \
+            torch.as_tensor(np.asarray(event_types_seen), dtype=torch.bool)
+        if seen.shape != (cfg.n_event_types,):
+            raise ValueError(f"event_types_seen must have shape ({cfg.n_event_types},), not {tuple(seen.shape)}")
+        self.register_buffer("event_types_seen", seen)
         self.register_buffer("item_category", _as_long(item_category, cfg.n_items, "item_category",
                                                        cfg.n_categories))
         self.register_buffer("item_brand", _as_long(item_brand, cfg.n_items, "item_brand", cfg.n_brands))
@@ -197,9 +213,18 @@ class SessionModel(nn.Module):
         self.item_bias = nn.Embedding(cfg.n_items, 1)
         self.next_item_proj = nn.Linear(d, d, bias=False)
         self.gap_head = nn.Linear(d, cfg.n_gap_buckets, bias=False)
+        # Copy heads: real sessions mostly return to items they already touched (view -> cart -> purchase
+        # of one item, repeated views), which a softmax over item embeddings learns only slowly from small
+        # data. These add a learned, context-dependent bonus to the logits of the window's earlier items and
+        # categories (see `history`), like a pointer network, and tell the gap head whether the item repeats.
+        self.copy_item = nn.Linear(d, COPY_ITEM_FEATURES)
+        self.copy_category = nn.Linear(d, COPY_CATEGORY_FEATURES)
+        self.repeat_emb = nn.Embedding(3, d)  # the next item is: 0 new (or none), 1 in the window, 2 the last item
 
         self.apply(self._init_weights)
         nn.init.zeros_(self.item_bias.weight)
+        for head in (self.copy_item, self.copy_category):
+            nn.init.zeros_(head.weight)  # no bonus before training: starts as the plain hierarchical model
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
@@ -245,31 +270,94 @@ class SessionModel(nn.Module):
             x = block(x, None if caches is None else caches[i])
         return self.ln_f(x)
 
-    def category_logits(self, h1: torch.Tensor) -> torch.Tensor:
-        return self.category_head(h1)
+    def history(self, event_type: torch.Tensor, item_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What each position t of token tensors [B, T] can copy from: the window's item events at
+        positions j <= t. Returns item / category / kind (0 view, 1 cart, 2 purchase) [B, T] of every
+        position j, first_item (j is the first (item, kind) occurrence of the window) and first_category
+        (the first item of its category) [B, T], and visible (j <= t holds an item) and last (j is t's
+        most recent item event) [B, T(t), T(j)]."""
+        T = event_type.shape[1]
+        has_item = (event_type >= VIEW) & (event_type <= PURCHASE) & (item_idx > 0)
+        item = torch.where(has_item, item_idx, torch.zeros_like(item_idx))
+        category = self.item_category[item]
+        kind = (event_type - VIEW).clamp(0, len(ITEM_EVENTS) - 1)
+        j = torch.arange(T, device=event_type.device)
+        before = j[None, :] < j[:, None]  # [j, j']: j' comes before j
+        earlier = before[None] & has_item[:, None, :]
+        same_item = (item[:, :, None] == item[:, None, :]) & (kind[:, :, None] == kind[:, None, :])
+        same_category = category[:, :, None] == category[:, None, :]
+        position = torch.where(has_item, j, torch.full_like(j, -1))
+        latest = torch.cummax(position, dim=1).values  # [B, t]: t's most recent item position (-1: none)
+        return {
+            "item": item, "category": category, "kind": kind,
+            "first_item": has_item & ~(earlier & same_item).any(-1),
+            "first_category": has_item & ~(earlier & same_category).any(-1),
+            "visible": (before | torch.eye(T, dtype=torch.bool, device=j.device))[None] & has_item[:, None, :],
+            "last": j[None, None, :] == latest[:, :, None],
+        }
 
-    def item_logits(self, h2: torch.Tensor, category: torch.Tensor) -> torch.Tensor:
-        """Scores [..., M] of the items of `category` [...] (columns of category_items; padding -inf)."""
-        candidates = self.category_items[category]  # [..., M]
-        query = self.item_query(h2)  # [..., d]
+    def category_logits(self, h1: torch.Tensor, hist: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Category logits [B, T, n_categories] of hidden states h1 [B, T, d], with the copy bonus of the
+        categories of the window's earlier items (`hist`, from `history`)."""
+        coef = self.copy_category(h1)  # [B, T, 2]
+        visible = hist["visible"]
+        bonus = ((hist["first_category"][:, None, :] & visible) * coef[..., :1]
+                 + (hist["last"] & visible) * coef[..., 1:])
+        index = hist["category"][:, None, :].expand_as(bonus)
+        return self.category_head(h1).scatter_add(-1, index, bonus.to(h1.dtype))
+
+    def item_bonus(self, h2: torch.Tensor, category: torch.Tensor, hist: dict[str, torch.Tensor],
+                   rows: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot [N, T], bonus [N, T]): the copy bonus the window's earlier items of `category` [N] add to
+        their columns of category_items, for the N positions `rows` = (batch index, position) of `hist`
+        with hidden states h2 [N, d]. Entries of other categories add 0 to slot 0."""
+        b, t = rows
+        coef = self.copy_item(h2)  # [N, 4]
+        visible = hist["visible"][b, t] & (hist["category"][b] == category[:, None])
+        kind = coef.gather(1, hist["kind"][b]) * hist["first_item"][b]
+        bonus = (kind + coef[:, 3:] * hist["last"][b, t]) * visible
+        slot = torch.where(visible, self.item_slot[hist["item"][b]], torch.zeros_like(hist["item"][b]))
+        return slot, bonus
+
+    def item_logits(self, h2: torch.Tensor, category: torch.Tensor,
+                    bonus: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Scores [N, M] of the items of `category` [N] (columns of category_items; padding -inf), plus
+        the copy `bonus` (slot, value) [N, T] of item_bonus."""
+        candidates = self.category_items[category]  # [N, M]
+        query = self.item_query(h2)  # [N, d]
         scores = (self.item_emb(candidates) @ query.unsqueeze(-1)).squeeze(-1) + self.item_bias(candidates).squeeze(-1)
+        if bonus is not None:
+            scores = scores.scatter_add(-1, bonus[0], bonus[1].to(scores.dtype))
         return scores.masked_fill(~self.category_item_valid[category], float("-inf"))
 
-    def item_cross_entropy(self, h2: torch.Tensor, category: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of the items at `slot` [N] of their `category` [N], from h2 [N, d]:
-        the same value as item_logits + cross_entropy, computed per category present, so each category's
-        item embeddings are read once per batch instead of once per position (one matmul per category)."""
+    def item_cross_entropy(self, h2: torch.Tensor, category: torch.Tensor, slot: torch.Tensor,
+                           bonus: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Summed cross-entropy of the items at `slot` [N] of their `category` [N], from h2 [N, d] and the
+        copy `bonus` of item_bonus: the same value as item_logits + cross_entropy, computed per category
+        present, so each category's item embeddings are read once per batch instead of once per position
+        (one matmul per category)."""
         query = self.item_query(h2)
         total = query.new_zeros((), dtype=torch.float32)
         if not len(category):
-            return total + query.sum() * 0.0  # keeps the head in the graph (DDP wants every parameter used)
+            # Keeps the heads in the graph (DDP wants every parameter used).
+            return total + query.sum() * 0.0 + self.copy_item(h2).sum() * 0.0
         order = torch.argsort(category, stable=True)
         categories, counts = torch.unique_consecutive(category[order], return_counts=True)
         for c, rows in zip(categories.tolist(), torch.split(order, counts.tolist())):
             items = self.category_items[c, :int(self.category_item_count[c])]  # a category's items: a prefix
             logits = query[rows] @ self.item_emb(items).T + self.item_bias(items).squeeze(-1)
+            if bonus is not None:
+                logits = logits.scatter_add(-1, bonus[0][rows], bonus[1][rows].to(logits.dtype))
             total = total + F.cross_entropy(logits.float(), slot[rows], reduction="sum")
         return total
+
+    @staticmethod
+    def repeat_kind(item: torch.Tensor, hist: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, T]: 0 when the item drawn at query position t (`item` [B, T]) is none or new to `hist`'s
+        window, 2 when it is t's last item event, 1 when it is an earlier one."""
+        matches = (hist["item"][:, None, :] == item[:, :, None]) & hist["visible"] & (item[:, :, None] > 0)
+        last = (matches & hist["last"]).any(-1)
+        return torch.where(last, 2, matches.any(-1).long())
 
     def forward(self, event_type, item_idx, category_idx=None, gap_bucket=None, context=None, context_category=None,
                 target_event_type=None, target_item_idx=None, target_gap_bucket=None):
@@ -290,11 +378,14 @@ class SessionModel(nn.Module):
         has_item = (target_event_type >= VIEW) & (target_event_type <= PURCHASE)
         item = torch.where(has_item, target_item_idx, torch.zeros_like(target_item_idx))
         category = self.item_category[item]
+        hist = self.history(event_type, item_idx)
         h1 = h + self.next_event_emb(target_event_type)
-        logits["category_idx"] = self.category_logits(h1)
+        logits["category_idx"] = self.category_logits(h1, hist)
         h2 = h1 + self.next_category_emb(category)
-        item_ce = self.item_cross_entropy(h2[has_item], category[has_item], self.item_slot[item[has_item]])
-        h3 = h2 + self.next_item_proj(self.item_emb(item))
+        rows = has_item.nonzero(as_tuple=True)
+        item_ce = self.item_cross_entropy(h2[rows], category[rows], self.item_slot[item[rows]],
+                                          self.item_bonus(h2[rows], category[rows], hist, rows))
+        h3 = h2 + self.next_item_proj(self.item_emb(item)) + self.repeat_emb(self.repeat_kind(item, hist))
         logits["gap_bucket"] = self.gap_head(h3)
         targets = {"event_type": target_event_type, "category_idx": category, "gap_bucket": target_gap_bucket}
         return logits, self.loss(logits, targets, item_ce)
@@ -342,7 +433,8 @@ class SessionModel(nn.Module):
         (one with items), then an item of that category; for a search item 0; then a gap bucket.
         Every draw uses `temperature`, then keeps the `top_k` most likely values (0 = all) and the
         smallest set whose probability reaches `top_p` (nucleus; 1.0 = all). A session stops at EOS
-        or after `max_events` events.
+        or after `max_events` events. Event types absent from the training data (event_types_seen) are
+        never drawn.
 
         The model sees at most block_size tokens: when a session outgrows the window it restarts from
         its last block_size - window_stride tokens (default stride block_size // 2, like featurize's
@@ -385,6 +477,10 @@ class SessionModel(nn.Module):
         allowed_first = torch.zeros(cfg.n_event_types, dtype=torch.bool, device=device)
         # Without any catalogue item (n_items == 1: only 0 = none) only searches can be sampled.
         allowed_first[[VIEW, CART, PURCHASE, SEARCH] if cfg.n_items > 1 else [SEARCH]] = True
+        # An event type the training sessions never had (searches in REES46, carts in YOOCHOOSE) keeps a
+        # small untrained probability; drawing it would only invent behaviour the source does not have.
+        if (allowed_first & self.event_types_seen).any():
+            allowed_first &= self.event_types_seen
         allowed = allowed_first.clone()
         allowed[EOS] = True
         no_category = ~self.category_has_items
@@ -408,25 +504,33 @@ class SessionModel(nn.Module):
         def window_hidden(caches):
             return self.hidden(*(seq[k][:, start:length] for k in names), ctx_vec, caches)[:, -1]
 
+        def window_history():
+            """The copy features of the window's last position (see `history`)."""
+            hist = self.history(seq["event_type"][:, start:length], seq["item_idx"][:, start:length])
+            return {k: v[:, -1:] if k in ("visible", "last") else v for k, v in hist.items()}
+
         caches = [{} for _ in self.blocks] if use_cache else None
         h = window_hidden(caches)
+        rows = (torch.arange(n, device=device), torch.zeros(n, dtype=torch.long, device=device))
         for step in range(max_events):
             if not alive.any():
                 break
+            hist = window_history()
             event = draw(self.event_head(h), ~(allowed_first if step == 0 else allowed))
             has_item = (event >= VIEW) & (event <= PURCHASE)
             h1 = h + self.next_event_emb(event)
             if cfg.n_items > 1:
-                category = draw(self.category_logits(h1), no_category)
+                category = draw(self.category_logits(h1[:, None], hist)[:, 0], no_category)
                 h2 = h1 + self.next_category_emb(category)
-                slot = draw(self.item_logits(h2, category))
+                slot = draw(self.item_logits(h2, category, self.item_bonus(h2, category, hist, rows)))
                 item = self.category_items[category, slot]
                 item = torch.where(has_item, item, torch.zeros_like(item))
             else:
                 item = torch.zeros_like(event)
             # What the gap head sees: the item's real category (0 for a search), as in training.
             category = self.item_category[item]
-            h3 = h1 + self.next_category_emb(category) + self.next_item_proj(self.item_emb(item))
+            h3 = (h1 + self.next_category_emb(category) + self.next_item_proj(self.item_emb(item))
+                  + self.repeat_emb(self.repeat_kind(item[:, None], hist)[:, 0]))
             gap = draw(self.gap_head(h3))
             ended = alive & (event == EOS)
             alive = alive & ~ended
@@ -482,7 +586,8 @@ def split_window(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 # ----- checkpoints ---------------------------------------------------------------------------------
 
 
-CATALOGUE_BUFFERS = ("item_category", "item_brand", "item_price_bucket", "context_bank", "context_bank_category")
+CATALOGUE_BUFFERS = ("item_category", "item_brand", "item_price_bucket", "context_bank", "context_bank_category",
+                     "event_types_seen")
 
 
 class CheckpointError(RuntimeError):

@@ -32,6 +32,7 @@ from synth.model import CONTEXT_DIM
 log = logging.getLogger(__name__)
 
 TOKEN_COLUMNS = ("event_type", "item_idx", "category_idx", "gap_bucket")
+EVENT_TYPES = (3, 4, 5, 6)  # the event tokens view, cart, purchase, search
 CONTEXT_COLUMNS = ("user_context", "user_category_idx")
 READ_COLUMNS = TOKEN_COLUMNS + CONTEXT_COLUMNS
 STATE_PREFIX = "state-"  # training-state files <checkpoint_dir>/<run id>.train-state/state-<step>.pt
@@ -66,10 +67,15 @@ def run(ctx) -> dict[str, int]:
     # One aggregation over the training windows (runs on the executors) checks them against the
     # vocabulary, so a mismatch fails here with a clear message instead of deep inside a training process.
     train_df = tokens.df.where(F.col("split") == "train")
+
+    def events(matching):
+        return F.sum(F.aggregate("event_type", F.lit(0).cast("long"),
+                                 lambda acc, t: acc + F.when(matching(t), 1).otherwise(0)))
+
     stats = train_df.agg(
         F.count(F.lit(1)).alias("windows"),
-        F.sum(F.aggregate("event_type", F.lit(0).cast("long"),
-                          lambda acc, t: acc + F.when((t >= 3) & (t <= 6), 1).otherwise(0))).alias("events"),
+        events(lambda t: (t >= 3) & (t <= 6)).alias("events"),
+        *[events(lambda t, k=k: t == k).alias(f"events_{k}") for k in EVENT_TYPES],
         *[F.min(F.array_min(c)).alias(f"min_{c}") for c in TOKEN_COLUMNS],
         *[F.max(F.array_max(c)).alias(f"max_{c}") for c in TOKEN_COLUMNS],
         F.min(F.size("event_type")).alias("min_len"), F.max(F.size("event_type")).alias("max_len"),
@@ -113,7 +119,9 @@ def run(ctx) -> dict[str, int]:
         "holdout_files": holdout_files,
         "catalogue": {"item_category": item_category, "item_brand": item_brand,
                       "item_price_bucket": item_price_bucket, "context_bank": context_bank,
-                      "context_bank_category": context_bank_category},
+                      "context_bank_category": context_bank_category,
+                      # pad, BOS and EOS, and the event types present in the training windows
+                      "event_types_seen": [k < 3 or bool(stats[f"events_{k}"]) for k in range(7)]},
         "seed": int(cfg.run.seed),
         "learning_rate": float(cfg.train.learning_rate),
         "batch_size": int(cfg.train.batch_size),

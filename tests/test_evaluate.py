@@ -106,6 +106,24 @@ def test_independent_events_follow_marginals_and_are_deterministic(spark):
     assert 0.65 < views < 0.85  # drawn with share 0.75
 
 
+def test_synthetic_gaps_are_drawn_from_the_real_gaps_of_their_bucket(spark):
+    """What gap_seconds_ks compares: generate draws each gap among the real train gaps of its bucket."""
+    import numpy as np
+
+    from synth.generate import gap_quantiles, gap_seconds
+
+    edges = [0, 5, 15, 30]
+    sessions = spark.createDataFrame([([0.0, 1.0, 1.0, 2.0, 7.0],), ([9.0, 3.0, 100.0],)], "gap_seconds array<double>")
+    quantiles = gap_quantiles(sessions, edges, n=4)  # a session's first gap (position 0) is not a gap
+    assert quantiles == [[], [1.0, 1.0, 2.0, 3.0], [7.0] * 4, [], [100.0] * 4]
+    buckets = np.array([0, 1, 2, 3, 4] * 200)
+    gaps = gap_seconds(buckets, edges, np.random.default_rng(0), quantiles)
+    assert set(gaps[buckets == 0]) == {0.0} and set(gaps[buckets == 1]) == {1.0, 2.0, 3.0}
+    assert set(gaps[buckets == 2]) == {7.0} and set(gaps[buckets == 4]) == {100.0}
+    assert np.all((gaps[buckets == 3] >= 15) & (gaps[buckets == 3] <= 30))  # no real gap there: uniform
+    assert 0.4 < np.mean(gaps[buckets == 1] == 1.0) < 0.6
+
+
 # ------------------------------------------------------------------------------------------------
 # Spark: the C2ST features and classifier, attribute realism, the recommender.
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +198,8 @@ def test_attribute_realism_hand_computed(spark):
     from synth.evaluate import attribute_realism
 
     catalog = spark.createDataFrame(
-        [(1, "i1", "c1", 1, "b1", 10.0, 1), (2, "i2", "c2", 2, None, 100.0, 1), (3, "i3", "c3", 3, "b3", None, 1)],
+        [(1, "i1", "c1", 1, "b1", 10.0, 10.0, 10.0, 10.0, 1), (2, "i2", "c2", 2, None, 100.0, 100.0, 100.0, 100.0, 1),
+         (3, "i3", "c3", 3, "b3", None, None, None, None, 1)],
         contract("item_catalog").spark_schema())
     synthetic = spark.createDataFrame([
         ("view", "i1", "c1", "b1", 10.0),     # realistic
@@ -278,7 +297,7 @@ def stage_lake(spark, lake):
     def frame(table, rows):
         return spark.createDataFrame(rows, contract(table).spark_schema())
 
-    lake.write(frame("item_catalog", [(i + 1, item, cat, int(cat[1:]), brand, PRICE, 5)
+    lake.write(frame("item_catalog", [(i + 1, item, cat, int(cat[1:]), brand, PRICE, PRICE, PRICE, PRICE, 5)
                                       for i, (item, (cat, brand)) in enumerate(CATALOG.items())]),
                "item_catalog", app_id="featurize:test")
     lake.write(frame("sessions", _sessions_rows()), "sessions", app_id="featurize:test")

@@ -302,3 +302,62 @@ def test_context_bank_and_vocabulary_check(tmp_path):
         check_vocabulary(metadata, n_items=5, n_categories=4)
     with pytest.raises(VocabularyError, match="4 categories but the catalogue has only 3"):
         check_vocabulary(metadata, n_items=6, n_categories=3)
+
+
+def test_copy_bonus_learns_to_return_to_the_viewed_item():
+    """view X, cart X, purchase X with X drawn from 400 items: only returning to the window's item fits.
+    (Without the copy heads, 30 steps sample the viewed item again in about 1% of these sessions.)"""
+    n_items = 401
+    category = [0] + [1 + i % 3 for i in range(n_items - 1)]
+    rng = np.random.default_rng(0)
+    picked = rng.integers(1, n_items, size=64)
+    batch = {"event_type": torch.tensor([[1, 3, 4, 5, 2, 0, 0, 0, 0, 0]] * 64),
+             "item_idx": torch.tensor([[0, x, x, x, 0, 0, 0, 0, 0, 0] for x in picked]),
+             "gap_bucket": torch.tensor([[0, 0, 1, 2, 0, 0, 0, 0, 0, 0]] * 64)}
+    batch["category_idx"] = torch.tensor(category)[batch["item_idx"]]
+    torch.manual_seed(0)
+    model = SessionModel(tiny_config(n_items=n_items), item_category=category)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):
+        _, loss = model(**split_window(batch))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    out = model.sample(200, torch.Generator().manual_seed(1), max_events=6)
+    returned = total = 0
+    for s in range(200):
+        rows = out["session"] == s
+        types, items = out["event_type"][rows], out["item_idx"][rows]
+        if types.tolist()[:3] == [3, 4, 5]:
+            total += 1
+            returned += int(items[1] == items[0] and items[2] == items[0])
+    assert total >= 150 and returned >= 0.9 * total
+
+
+def test_history_features_hand_computed():
+    model = SessionModel(tiny_config(), **CATALOGUE)
+    # BOS view(1) view(3) view(1) cart(1) search: items 1 and 3 (categories 1 and 2).
+    hist = model.history(torch.tensor([[1, 3, 3, 3, 4, 6]]), torch.tensor([[0, 1, 3, 1, 1, 0]]))
+    assert hist["first_item"][0].tolist() == [False, True, True, False, True, False]
+    assert hist["first_category"][0].tolist() == [False, True, True, False, False, False]
+    assert hist["visible"][0, 2].tolist() == [False, True, True, False, False, False]
+    assert hist["last"][0, 5].nonzero().flatten().tolist() == [4]  # the search is not an item event
+    assert hist["last"][0, 0].sum() == 0  # nothing before BOS
+    # Drawn after position t: item 1 is the last item at 5; item 3 is new at 1, the last at 2, earlier after.
+    repeat = model.repeat_kind(torch.tensor([[0, 0, 0, 0, 0, 1]]), hist)
+    assert repeat[0, 5] == 2
+    assert model.repeat_kind(torch.tensor([[3, 3, 3, 3, 3, 3]]), hist)[0].tolist() == [0, 0, 2, 1, 1, 1]
+    assert model.repeat_kind(torch.tensor([[4, 4, 4, 4, 4, 0]]), hist).sum() == 0
+
+
+def test_sample_draws_only_event_types_of_the_training_data():
+    seen = [True, True, True, True, False, True, False]  # no carts, no searches
+    torch.manual_seed(0)
+    model = SessionModel(tiny_config(), **CATALOGUE)  # untrained: about uniform over the event types
+    free = model.sample(80, torch.Generator().manual_seed(4), max_events=10)
+    assert set(np.unique(free["event_type"])) == {3, 4, 5, 6}
+    model.event_types_seen.copy_(torch.tensor(seen))
+    out = model.sample(80, torch.Generator().manual_seed(4), max_events=10)
+    assert set(np.unique(out["event_type"])) == {3, 5}
+    with pytest.raises(ValueError, match="event_types_seen"):
+        SessionModel(tiny_config(), event_types_seen=[True] * 3)
