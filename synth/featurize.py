@@ -38,11 +38,12 @@ def build_item_catalog(events: DataFrame, previous: DataFrame | None) -> DataFra
         F.mode("category", deterministic=True).alias("category"),
         F.mode("brand", deterministic=True).alias("brand"),
         F.percentile_approx("price", 0.5).alias("price"),
+        F.min("price").alias("price_min"), F.max("price").alias("price_max"), F.avg("price").alias("price_mean"),
         F.count("*").alias("popularity")))
     if previous is None:
         previous = events.sparkSession.createDataFrame(
             [], "item_idx int, item_id string, category string, category_idx int, brand string, "
-                "price double, popularity long")
+                "price double, price_min double, price_max double, price_mean double, popularity long")
     # Items gone from today's events stay in the vocabulary, with no popularity today.
     retired = previous.join(items.select("item_id"), "item_id", "left_anti").withColumn("popularity", F.lit(0).cast("long"))
     items = items.unionByName(retired.select(*items.columns))

@@ -30,6 +30,13 @@ def test_vocabulary_ids_are_stable_and_new_items_are_appended(spark):
     assert second["c"].category_idx == 3
 
 
+def test_catalog_holds_price_statistics_and_popularity(spark):
+    events = _events(spark, [(0, "view", "s1", "a", "c1", 1.0), (1, "cart", "s1", "a", "c1", 3.0),
+                             (2, "view", "s2", "a", "c1", 8.0), (3, "view", "s2", "b", "c2", 5.0)])
+    a = next(r for r in build_item_catalog(events, None).collect() if r.item_id == "a")
+    assert (a.price, a.price_min, a.price_max, a.price_mean, a.popularity) == (3.0, 1.0, 8.0, 4.0, 3)
+
+
 def test_sessions_are_ordered_with_gaps_and_tokens_are_framed(spark):
     events = _events(spark, [(30, "cart", "s1", "a", "c1", 1.0), (0, "view", "s1", "a", "c1", 1.0),
                              (10, "search", "s1", None, "c1", None)])
