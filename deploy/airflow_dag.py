@@ -1,7 +1,10 @@
 """Example Airflow DAG: the nightly pipeline as one spark-submit task per stage.
 
 Each task is idempotent for its run id (the run ledger makes a repeated stage a no-op), so Airflow
-retries and backfills are safe; `--force` is only for recomputing a run on purpose.
+retries and backfills are safe; `--force` is only for recomputing a run on purpose (for clean, from
+all input files). Clean is incremental over the input folder, not over the run's date: each run takes
+whatever files arrived, changed or vanished since the previous run (late files included) and rebuilds
+just the event dates they touch, so catching up after a missed night needs no special run.
 """
 import pendulum
 from airflow import DAG
