@@ -6,12 +6,15 @@ runs the pipeline stages through synth.runner.run_stage on a FRESH lake under
 <work-dir>/<dataset>/ (clean -> featurize -> train -> generate -> merge -> evaluate, with a training
 budget of --max-steps optimizer steps), then reads the run's rows of the metrics table. featurize
 holds out a stable hash share of sessions (featurize.holdout_percent); the session model never sees
-them, and every metric compares a subject with them. The two baselines of the issue come from the
-same run: train_resample (real train sessions resampled) and independent_columns (each column
-sampled independently from the train marginals); real_train is the reference of the recommender.
+them, and every metric compares a subject with them. The hash is of the pseudonymized session id, so the
+split follows the pseudonymization key: the script fixes it (--split-key), so that runs compare on the
+same holdout sessions. The two baselines of the issue come from the same run: train_resample (real
+train sessions resampled) and independent_columns (each column sampled independently from the train
+marginals); real_train is the reference of the recommender.
 
 Printed per dataset: the metrics table (subjects as columns) with the issue's targets and PASS/FAIL
-for the synthetic subject, and the wall seconds of each stage. Everything also goes to
+for the synthetic subject, the wall seconds of each stage, and how the train stage's time splits into
+the session model (with its events/s) and the profile model. Everything also goes to
 <work-dir>/quality-<timestamp>.json (or --json). Without the shared data folder it prints SKIPPED
 and exits 0. The numbers are small-sample numbers: the samples are slices (see ../shared/data/README.md).
 
@@ -71,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="any other pipeline option (YAML value), repeatable, e.g. --set train.cpu_threads=1")
     parser.add_argument("--json", type=Path, default=None, help="result file (default <work-dir>/quality-<time>.json)")
     parser.add_argument("--keep-lake", action="store_true", help="keep each dataset's lake after the run")
+    parser.add_argument("--split-key", default="quality-benchmark",
+                        help="pseudonymization key of the runs (default quality-benchmark): it decides the hash "
+                             "holdout split, so runs with the same key are scored on the same holdout sessions; "
+                             "vary it to see how much the metrics move with the split ($SYNTH_PSEUDONYM_KEY wins)")
     return parser.parse_args(argv)
 
 
@@ -117,6 +124,10 @@ def run_dataset(dataset: str, args: argparse.Namespace, spark_holder: dict) -> d
     if folder.exists():
         shutil.rmtree(folder)
     cfg = config.load(overrides=overrides_for(dataset, args, folder))
+    # Without a key file the clean stage would draw a random key, and with it a different holdout split.
+    key_file = Path(cfg.clean.pseudonym_key_file)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(args.split_key)
     if "spark" not in spark_holder:
         from synth.spark import build_session
 
@@ -174,6 +185,10 @@ def table(result: dict) -> str:
                      + (f"{target['target']:>10}  {target['verdict']}" if target else ""))
     stages = "  ".join(f"{s} {t:.1f}s" for s, t in result["stage_seconds"].items())
     lines.append(f"wall time per stage: {stages}  (total {sum(result['stage_seconds'].values()):.1f} s)")
+    train = result.get("counts", {}).get("train", {})
+    if "session_model_ms" in train:
+        lines.append(f"train stage: session model {train['session_model_ms'] / 1000:.1f} s for {train['steps']} steps "
+                     f"({train['events_per_s']:,} events/s), profile model {train['profile_model_ms'] / 1000:.1f} s")
     return "\n".join(lines)
 
 

@@ -436,6 +436,9 @@ def test_quality_benchmark_verdicts_and_table():
     assert verdicts["c2st_auc"]["verdict"] == "PASS" and verdicts["profile_column_pair"]["verdict"] == "n/a"
     text = quality.table({"metrics": metrics, "targets": verdicts, "stage_seconds": {"clean": 1.0}})
     assert "independent_columns" in text and "FAIL" in text and "clean 1.0s" in text
+    counts = {"train": {"steps": 300, "events_per_s": 3719, "session_model_ms": 19012, "profile_model_ms": 15600}}
+    text = quality.table({"metrics": metrics, "targets": verdicts, "stage_seconds": {"train": 41.1}, "counts": counts})
+    assert "session model 19.0 s for 300 steps (3,719 events/s), profile model 15.6 s" in text
 
 
 def test_profile_scores_with_synth_tabular_when_present():

@@ -16,10 +16,11 @@ TRAIN_OVERRIDES = {
 
 
 def catalog_df(spark):
-    rows = [(i, f"item-{i}", f"cat-{(i - 1) % 3 + 1}", (i - 1) % 3 + 1, "brand", 10.0 * i, 100 - i)
-            for i in range(1, N_ITEMS + 1)]
+    rows = [(i, f"item-{i}", f"cat-{(i - 1) % 3 + 1}", (i - 1) % 3 + 1, "brand", 10.0 * i, 9.0 * i, 11.0 * i,
+             10.0 * i, 100 - i) for i in range(1, N_ITEMS + 1)]
     return spark.createDataFrame(rows, "item_idx int, item_id string, category string, category_idx int, "
-                                       "brand string, price double, popularity long")
+                                       "brand string, price double, price_min double, price_max double, "
+                                       "price_mean double, popularity long")
 
 
 def session_tokens_df(spark, n_train=120, n_holdout=30, seed=0):
