@@ -28,9 +28,21 @@ log = logging.getLogger(__name__)
 def _append_ids(current: DataFrame, known: DataFrame, key: str, id_column: str) -> DataFrame:
     """Give every `key` of `current` an id: its known id, or the next free ones in key order."""
     start = known.agg(F.coalesce(F.max(id_column), F.lit(0))).first()[0]
-    new = (current.select(key).distinct().join(known, key, "left_anti")
-           .withColumn(id_column, (F.lit(start) + F.row_number().over(Window.orderBy(key))).cast("int")))
-    return known.unionByName(new)
+    new = current.select(key).distinct().join(known, key, "left_anti")
+    # No row_number over a global window (one partition sorting every key, a first run's whole
+    # catalogue): range-partition and sort, then an id is the count of keys in the partitions before
+    # plus the position within its own. Cached so both passes read the same partitions (a recomputed
+    # partition sorts the same keys the same way).
+    ranked = (new.repartitionByRange(key).sortWithinPartitions(key)
+              .select(key, F.spark_partition_id().alias("_part"), F.monotonically_increasing_id().alias("_row"))
+              .persist())
+    offsets, before = [], start
+    for part in ranked.groupBy("_part").agg(F.count("*").alias("n"), F.min("_row").alias("first")).orderBy("_part").collect():
+        offsets.append((part["_part"], before - part["first"] + 1))
+        before += part["n"]
+    offset = ranked.sparkSession.createDataFrame(offsets or [(0, 0)], "_part int, _offset long")
+    return known.unionByName(ranked.join(F.broadcast(offset), "_part").select(
+        key, (F.col("_row") + F.col("_offset")).cast("int").alias(id_column)))
 
 
 def build_item_catalog(events: DataFrame, previous: DataFrame | None) -> DataFrame:
