@@ -116,13 +116,14 @@ def main(argv: list[str] | None = None, stages: tuple[str, ...] | None = None, p
     for stage in chosen:
         run_stage(stage, cfg, spark, lake, force=args.force)
     log.info("run %s finished in %.1f s; tables under %s", cfg.run.id, time.time() - clock, lake.root)
+    width = max(map(len, schemas.all_tables()))
     for table in schemas.all_tables():
         version = lake.version(table)
         if version is not None:
-            print(f"  {table:<17} version {version:<4} {lake.uri(table)}")
+            print(f"  {table:<{width}} version {version:<4} {lake.uri(table)}")
     report = lake.read("pipeline_runs").df.where(
         f"stage = 'evaluate' AND run_id = '{cfg.run.id}'").select("artifacts").first() \
         if lake.exists("pipeline_runs") else None
     if report and report.artifacts and "report" in report.artifacts:
-        print(f"  report            {report.artifacts['report']}")
+        print(f"  {'report':<{width}} {report.artifacts['report']}")
     return 0
