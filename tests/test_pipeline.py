@@ -129,6 +129,9 @@ def test_command_line_runs_the_pipeline_for_a_new_run(pipeline, capsys):
                  "--generate.sessions", "30"]) == 0
     out = capsys.readouterr().out
     assert "training_set" in out and "report.html" in out
+    # The input did not change since night-1: the incremental clean read and rewrote nothing.
+    night2 = lake.read("pipeline_runs").df.where("stage = 'clean' AND run_id = 'night-2'").first()
+    assert night2.counts["raw"] == night2.counts["files_read"] == 0 and "events" not in night2.output_versions
     runs = {r.run_id: r["count"] for r in lake.read("training_set").df.groupBy("run_id").count().collect()}
     assert runs["night-1"] == counts["merge"]["training_rows"]
     assert runs["night-2"] == counts["clean"]["clean"] + lake.read("synthetic_events").df.where(
