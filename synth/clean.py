@@ -201,11 +201,12 @@ def _plan(ctx, key: bytes) -> _Plan:
         plan.why = "full rebuild: a lookup file (joined onto every row) changed"
         return plan
     plan.previous = previous
-    new_rows = read_source(spark, cfg, files={f.path for f in changed}).rows
-    dates = {d for file_dates, _ in _file_dates(new_rows, cfg).values() for d in file_dates}
-    dates |= {d for r in previous if r.path not in present or r.path in {f.path for f in changed}
-              for d in r.event_dates}
     files = {f.path for f in changed}
+    # The dates the changed files feed now, and those they (or the removed files) fed before.
+    dates = {d for r in previous if r.path not in present or r.path in files for d in r.event_dates}
+    if files:
+        new_rows = read_source(spark, cfg, files=files).rows
+        dates |= {d for file_dates, _ in _file_dates(new_rows, cfg).values() for d in file_dates}
     # Unchanged files holding events of an affected date are read again, and their other dates then
     # count as affected too, until the set is closed.
     unchanged = [r for r in previous if r.path in present and r.path not in files and r.role == "feed"]
