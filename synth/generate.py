@@ -101,10 +101,11 @@ def _sampler(checkpoint_files, cfg, base_time: float, gap_quantiles: list[list[f
                 with torch.no_grad():
                     generator = torch.Generator().manual_seed(seed)
                     # User contexts resampled from the training contexts stored in the checkpoint.
-                    context, context_category = model.draw_contexts(sizes[shard], generator)
+                    context, context_category, lengths = model.draw_contexts(sizes[shard], generator)
                     out = model.sample(sizes[shard], generator, context=context, context_category=context_category,
                                        temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                                       max_events=gen.max_events)
+                                       max_events=gen.max_events,
+                                       lengths=lengths if gen.session_lengths == "empirical" else None)
                 rng = np.random.default_rng(seed)
                 session = np.asarray(out["session"])
                 starts = np.round((base_time + rng.uniform(0, 86400, size=max(sizes[shard], 1))) * 1e6)
@@ -182,6 +183,8 @@ def generate_profiles(ctx) -> int:
 
 def run(ctx) -> dict[str, int]:
     cfg, spark = ctx.cfg, ctx.spark
+    if cfg.generate.session_lengths not in ("empirical", "model"):
+        raise ValueError(f"generate.session_lengths must be empirical or model, not {cfg.generate.session_lengths!r}")
     checkpoint = Path(cfg.train.checkpoint_dir) / ctx.run_id
     if not (checkpoint / "metadata.json").exists():
         raise FileNotFoundError(f"no checkpoint for run {ctx.run_id} in {checkpoint}; run the train stage first")

@@ -158,11 +158,12 @@ class Block(nn.Module):
 
 class SessionModel(nn.Module):
     def __init__(self, cfg: SessionModelConfig, item_category=None, item_brand=None, item_price_bucket=None,
-                 context_bank=None, context_bank_category=None, event_types_seen=None):
+                 context_bank=None, context_bank_category=None, context_bank_length=None, event_types_seen=None):
         """`item_category`, `item_brand` and `item_price_bucket` ([n_items] ids, index = item_idx) come
         from the catalogue and are stored as buffers, so a checkpoint samples with nothing else.
-        `context_bank` [N, context_dim] / `context_bank_category` [N] are optional training contexts
-        that `draw_contexts` resamples for generation. `event_types_seen` [n_event_types] bools (default
+        `context_bank` [N, context_dim] / `context_bank_category` [N] / `context_bank_length` [N] are
+        optional training sessions' user contexts and lengths (events), that `draw_contexts` resamples
+        for generation. `event_types_seen` [n_event_types] bools (default
         all) marks the event types of the training data; `sample` never draws another one."""
         super().__init__()
         self.config = cfg
@@ -181,6 +182,10 @@ class SessionModel(nn.Module):
         self.register_buffer("context_bank", bank)
         self.register_buffer("context_bank_category", _as_long(context_bank_category, len(bank),
                                                                "context_bank_category", cfg.n_categories))
+        self.register_buffer("context_bank_length", torch.zeros(len(bank), dtype=torch.long)
+                             if context_bank_length is None else torch.as_tensor(context_bank_length, dtype=torch.long))
+        if self.context_bank_length.shape != (len(bank),):
+            raise ValueError(f"context_bank_length must have {len(bank)} values")
         # Derived from item_category (not saved): the per-category item table of the item head.
         table, valid, slot = category_item_table(self.item_category, cfg.n_categories)
         self.register_buffer("category_items", table, persistent=False)
@@ -413,18 +418,21 @@ class SessionModel(nn.Module):
 
     # ----- sampling --------------------------------------------------------------------------------
 
-    def draw_contexts(self, n: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """`n` user contexts (float32 [n, context_dim], int64 [n]) resampled with replacement from the
-        context bank stored at training time; zeros when the checkpoint has none."""
+    def draw_contexts(self, n: int, generator: torch.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`n` training sessions' user contexts (float32 [n, context_dim]), top categories (int64 [n])
+        and lengths in events (int64 [n], 0 = unknown), resampled with replacement from the bank stored
+        at training time: drawn together, so a context keeps the lengths its users' sessions had.
+        Zeros when the checkpoint has no bank."""
         if not len(self.context_bank):
-            return np.zeros((n, self.config.context_dim), np.float32), np.zeros(n, np.int64)
+            return np.zeros((n, self.config.context_dim), np.float32), np.zeros(n, np.int64), np.zeros(n, np.int64)
         rows = torch.randint(len(self.context_bank), (n,), generator=generator).to(self.context_bank.device)
-        return self.context_bank[rows].cpu().numpy(), self.context_bank_category[rows].cpu().numpy()
+        return (self.context_bank[rows].cpu().numpy(), self.context_bank_category[rows].cpu().numpy(),
+                self.context_bank_length[rows].cpu().numpy())
 
     @torch.no_grad()
     def sample(self, n_sessions: int, generator: torch.Generator, context=None, context_category=None,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, max_events: int = 64,
-               use_cache: bool = True, window_stride: int | None = None) -> dict[str, np.ndarray]:
+               use_cache: bool = True, window_stride: int | None = None, lengths=None) -> dict[str, np.ndarray]:
         """Sample `n_sessions` sessions autoregressively from BOS, all at once.
 
         `context` [n, context_dim] and `context_category` [n] condition each session on a user profile
@@ -434,7 +442,8 @@ class SessionModel(nn.Module):
         Every draw uses `temperature`, then keeps the `top_k` most likely values (0 = all) and the
         smallest set whose probability reaches `top_p` (nucleus; 1.0 = all). A session stops at EOS
         or after `max_events` events. Event types absent from the training data (event_types_seen) are
-        never drawn.
+        never drawn. `lengths` [n] (events; 0 = free) fixes a session's length instead: EOS is banned
+        before it and forced at it, while every event is still drawn from the model.
 
         The model sees at most block_size tokens: when a session outgrows the window it restarts from
         its last block_size - window_stride tokens (default stride block_size // 2, like featurize's
@@ -454,12 +463,12 @@ class SessionModel(nn.Module):
         self.eval()
         try:
             return self._sample(n_sessions, generator, context, context_category, temperature, int(top_k or 0),
-                                float(top_p), max_events, use_cache, window_stride)
+                                float(top_p), max_events, use_cache, window_stride, lengths)
         finally:
             self.train(was_training)
 
     def _sample(self, n, generator, context, context_category, temperature, top_k, top_p, max_events, use_cache,
-                window_stride):
+                window_stride, lengths):
         cfg = self.config
         device = self.item_category.device
         ctx_vec = self.context_vector(context, context_category, n)
@@ -473,6 +482,11 @@ class SessionModel(nn.Module):
         seq["event_type"][:, 0] = BOS
         length, start = 1, 0  # tokens so far; first token of the window
         alive = torch.ones(n, dtype=torch.bool, device=device)
+        target = torch.zeros(n, dtype=torch.long, device=device) if lengths is None else \
+            torch.as_tensor(np.asarray(lengths), dtype=torch.long, device=device).reshape(-1)
+        if target.shape != (n,):
+            raise ValueError(f"lengths has {target.numel()} values for {n} sessions")
+        fixed = target > 0
 
         allowed_first = torch.zeros(cfg.n_event_types, dtype=torch.bool, device=device)
         # Without any catalogue item (n_items == 1: only 0 = none) only searches can be sampled.
@@ -516,7 +530,10 @@ class SessionModel(nn.Module):
             if not alive.any():
                 break
             hist = window_history()
-            event = draw(self.event_head(h), ~(allowed_first if step == 0 else allowed))
+            banned = (~(allowed_first if step == 0 else allowed)).expand(n, -1).clone()
+            banned[:, EOS] |= fixed & (step < target)
+            event = draw(self.event_head(h), banned)
+            event = torch.where(fixed & (step >= target), torch.full_like(event, EOS), event)
             has_item = (event >= VIEW) & (event <= PURCHASE)
             h1 = h + self.next_event_emb(event)
             if cfg.n_items > 1:
@@ -587,7 +604,7 @@ def split_window(tokens: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 CATALOGUE_BUFFERS = ("item_category", "item_brand", "item_price_bucket", "context_bank", "context_bank_category",
-                     "event_types_seen")
+                     "context_bank_length", "event_types_seen")
 
 
 class CheckpointError(RuntimeError):

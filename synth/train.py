@@ -88,11 +88,16 @@ def run(ctx) -> dict[str, int]:
     _check_tokens(stats, tokens.version, window_tokens,
                   {"event_type": 7, "item_idx": n_items, "category_idx": n_categories, "gap_bucket": n_gap_buckets,
                    "user_category_idx": n_categories})
-    # A deterministic sample of training contexts, stored in the checkpoint for generation to resample.
-    bank_rows = (train_df.orderBy(F.xxhash64("session_id", "window_start", F.lit(int(cfg.run.seed))))
-                 .select("user_context", "user_category_idx").limit(max(0, int(cfg.train.context_bank))).collect())
+    # A deterministic sample of training sessions' user contexts and lengths (a session's last window
+    # ends at its EOS: events = window_start + length - 2), stored in the checkpoint for generation.
+    sessions = train_df.groupBy("session_id").agg(
+        F.first("user_context").alias("user_context"), F.first("user_category_idx").alias("user_category_idx"),
+        (F.max(F.col("window_start") + F.col("length")) - 2).alias("n_events"))
+    bank_rows = (sessions.orderBy(F.xxhash64("session_id", F.lit(int(cfg.run.seed))))
+                 .limit(max(0, int(cfg.train.context_bank))).collect())
     context_bank = [[float(x) for x in r.user_context] for r in bank_rows]
     context_bank_category = [int(r.user_category_idx) for r in bank_rows]
+    context_bank_length = [int(r.n_events) for r in bank_rows]
 
     # Petastorm reads the table's Parquet files at the pinned version, split=train only.
     all_files = ctx.lake.files("session_tokens", tokens.version)
@@ -119,7 +124,7 @@ def run(ctx) -> dict[str, int]:
         "holdout_files": holdout_files,
         "catalogue": {"item_category": item_category, "item_brand": item_brand,
                       "item_price_bucket": item_price_bucket, "context_bank": context_bank,
-                      "context_bank_category": context_bank_category,
+                      "context_bank_category": context_bank_category, "context_bank_length": context_bank_length,
                       # pad, BOS and EOS, and the event types present in the training windows
                       "event_types_seen": [k < 3 or bool(stats[f"events_{k}"]) for k in range(7)]},
         "seed": int(cfg.run.seed),

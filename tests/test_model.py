@@ -285,15 +285,29 @@ def test_brand_and_price_buffers_feed_the_input():
         SessionModel(tiny_config(), item_category=ITEM_CATEGORY, item_brand=[0, 1, 2, 3, 1, 1])
 
 
+def test_fixed_lengths_end_sessions_exactly_there():
+    torch.manual_seed(0)
+    model = SessionModel(tiny_config(), **CATALOGUE)
+    lengths = np.array([1, 3, 0, 12, 5])
+    out = model.sample(5, torch.Generator().manual_seed(1), max_events=8, lengths=lengths)
+    counts = np.bincount(out["session"], minlength=5)
+    assert counts[[0, 1, 4]].tolist() == [1, 3, 5] and counts[3] == 8  # 12 is cut at max_events
+    assert 1 <= counts[2] <= 8  # length 0: the model's EOS decides
+    again = model.sample(5, torch.Generator().manual_seed(1), max_events=8, lengths=lengths)
+    assert all(np.array_equal(out[k], again[k]) for k in out)
+
+
 def test_context_bank_and_vocabulary_check(tmp_path):
     bank = np.arange(21, dtype=np.float32).reshape(3, 7)
-    model = SessionModel(tiny_config(), **CATALOGUE, context_bank=bank, context_bank_category=[1, 2, 3])
+    model = SessionModel(tiny_config(), **CATALOGUE, context_bank=bank, context_bank_category=[1, 2, 3],
+                         context_bank_length=[4, 7, 9])
     save_checkpoint(model, tmp_path / "ckpt", {"vocab": {"n_items": 6, "n_categories": 4}, "run_id": "r1"})
     loaded, metadata = load_checkpoint(tmp_path / "ckpt")
     assert loaded.item_brand.tolist() == ITEM_BRAND and loaded.item_price_bucket.tolist() == ITEM_PRICE
-    context, category = loaded.draw_contexts(50, torch.Generator().manual_seed(0))
+    context, category, lengths = loaded.draw_contexts(50, torch.Generator().manual_seed(0))
     assert context.shape == (50, 7) and set(category.tolist()) == {1, 2, 3}
     assert np.array_equal(context, bank[category - 1])
+    assert np.array_equal(lengths, np.array([4, 7, 9])[category - 1])  # drawn together with its context
     assert SessionModel(tiny_config(), **CATALOGUE).draw_contexts(2, torch.Generator())[0].shape == (2, 7)
 
     check_vocabulary(metadata, n_items=6, n_categories=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 WINDOW = 8  # featurize.window: token arrays hold WINDOW + 2 entries
@@ -107,6 +108,7 @@ def test_train_stage_writes_a_checkpoint_that_learned(spark, tiny_lake, make_cfg
     assert prices[0] == 0 and prices[1:] == sorted(prices[1:]) and prices[1] == 1 and prices[-1] == 10
     assert model.config.n_price_buckets == 11 and len(metadata["price_bucket_edges"]) == 9
     assert model.context_bank.shape == (120, 7) and set(model.context_bank_category.tolist()) == {1}
+    assert set(model.context_bank_length.tolist()) == {5}  # one bank row per training session, with its length
     # Scored on the holdout windows at the last step (eval_every 50 > 20 steps); no state left behind.
     assert [step for step, _ in metadata["val_curve"]] == [20] and metadata["best_step"] == 20
     assert metadata["stopped_early"] is False and metadata["resumed_from_steps"] == []
@@ -128,9 +130,9 @@ def test_train_stage_writes_a_checkpoint_that_learned(spark, tiny_lake, make_cfg
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    context, category = model.draw_contexts(20, generator)
-    sample = model.sample(20, generator, context=context, context_category=category, max_events=10)
-    assert len(sample["session"]) > 0
+    context, category, lengths = model.draw_contexts(20, generator)
+    sample = model.sample(20, generator, context=context, context_category=category, max_events=10, lengths=lengths)
+    assert np.bincount(sample["session"], minlength=20).tolist() == [5] * 20
     assert set(sample["event_type"].tolist()) <= {3, 4, 5, 6}
     assert (sample["item_idx"][sample["event_type"] != 6] > 0).all()
 
