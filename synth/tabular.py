@@ -550,13 +550,19 @@ class Discriminator(nn.Module):
         return ((norm - 1) ** 2).mean() * lambda_
 
 
+def _relu_stack(d: int, dims) -> tuple[list[nn.Module], int]:
+    """Linear + ReLU layers of widths `dims` from input width `d`, and the last width."""
+    layers = []
+    for h in dims:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    return layers, d
+
+
 class Encoder(nn.Module):
     def __init__(self, data_dim: int, dims, embedding_dim: int):
         super().__init__()
-        layers, d = [], data_dim
-        for h in dims:
-            layers += [nn.Linear(d, h), nn.ReLU()]
-            d = h
+        layers, d = _relu_stack(data_dim, dims)
         self.seq = nn.Sequential(*layers)
         self.mu = nn.Linear(d, embedding_dim)
         self.logvar = nn.Linear(d, embedding_dim)
@@ -569,10 +575,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, embedding_dim: int, dims, data_dim: int):
         super().__init__()
-        layers, d = [], embedding_dim
-        for h in dims:
-            layers += [nn.Linear(d, h), nn.ReLU()]
-            d = h
+        layers, d = _relu_stack(embedding_dim, dims)
         layers.append(nn.Linear(d, data_dim))
         self.seq = nn.Sequential(*layers)
         self.sigma = nn.Parameter(torch.ones(data_dim) * 0.1)
