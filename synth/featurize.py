@@ -216,10 +216,11 @@ def run(ctx) -> dict[str, int]:
     sessions = ctx.lake.read("sessions").df
     profiles_commit = ctx.write(build_user_profiles(events), "user_profiles")
     profiles = ctx.lake.read("user_profiles", profiles_commit.version).df
-    # Several files per split so Petastorm can shard them across training processes.
+    # Several files per split so Petastorm can shard them across training processes, each sorted: rows
+    # arrive from a shuffle in no fixed order, and training reads them in file order.
     tokens = build_session_tokens(sessions, catalog, user_context(profiles, catalog), cfg.window,
                                   cfg.gap_bucket_edges)
-    tokens_commit = ctx.write(tokens.repartition(max(4, ctx.cfg.train.num_processes), "session_id"),
-                              "session_tokens")
+    tokens_commit = ctx.write(tokens.repartition(max(4, ctx.cfg.train.num_processes), "session_id")
+                              .sortWithinPartitions("session_id", "window_start"), "session_tokens")
     return {"items": catalog_commit.rows, "sessions": sessions.count(), "sessions_written": sessions_written,
             "users": profiles_commit.rows, "token_windows": tokens_commit.rows}

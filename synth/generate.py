@@ -151,6 +151,7 @@ def _profile_sampler(checkpoint_files, cfg, reference: float):
                 rows = synthesizer.sample(sizes[shard], seed=shard_seed(cfg.run.seed, f"{run_id}/profiles", shard))
                 counts = ["n_views", "n_carts", "n_purchases", "n_searches"]
                 rows["n_events"] = rows[counts].sum(axis=1)
+                rows["last_seen"] = rows["first_seen"] + pd.to_timedelta(rows["active_seconds"], unit="s")
                 last_seen = pd.to_datetime(rows["last_seen"], utc=True)
                 rows["recency_days"] = (reference - last_seen.astype("int64") / 1e9) / 86400.0
                 rows["user_id"] = f"syn-user-{run_id}-{shard}-" + pd.RangeIndex(len(rows)).astype(str)

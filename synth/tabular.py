@@ -13,12 +13,19 @@ Shared pieces
   weights (components whose weight falls under `mode_weight_threshold` are dropped, at most `max_modes`),
   then each value becomes (one-hot of its mode, (x - mean_mode) / (4 std_mode) clipped to [-1, 1]).
   Categorical columns are one-hot; categories past the `max_categories` most frequent ones are grouped
-  into '__other__'; a null is its own category. A numeric column with nulls gets a 2-way null indicator.
+  into '__other__', which sampling turns back into one of them, drawn with its training frequency (so
+  the long tail keeps its real values and mix); a null is its own category. Integer columns with at
+  most `discrete_integers` distinct values (counts: sessions, views, purchases) are encoded the same
+  way, as categories, because a mixture of Gaussians rounded to integers smears their exact mass at
+  0, 1, 2, ... A numeric column with nulls gets a 2-way null indicator.
 * `CTGANSynthesizer`: conditional generator (residual layers, gumbel-softmax on discrete spans) and a
   PacGAN critic trained with WGAN-GP; conditional vector over the categorical columns with
   training-by-sampling (log-frequency), plus the conditional cross-entropy loss.
 * `TVAESynthesizer`: MLP encoder/decoder; Gaussian loss with a learned sigma per scalar, cross-entropy per
   mode / category span, KL term.
+* Data-parallel training: inside a torch.distributed process group (the train stage runs `fit` under
+  TorchDistributor) every rank fits the same transformer, starts from the same weights, trains on its
+  own rows and averages its gradients with the other ranks after every backward pass, as DDP does.
 * Validation: `fit` holds out `holdout_fraction` of the rows, trains on the rest and records
   `column_shape_score` and `column_pair_score` of the holdout vs a sample in `self.validation`.
 * Checkpoints: `save` writes model.pt (networks + transformer, everything `sample` needs) and
@@ -41,6 +48,7 @@ from typing import Any, Mapping
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -49,7 +57,9 @@ from synth.model import METADATA_FILE, MODEL_FILE, CheckpointError, _sha256, wri
 SDTYPES = ("numerical", "categorical", "datetime")
 OTHER = "__other__"
 NULL = "__null__"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Tail categories kept (most frequent first) to decode '__other__'; rarer ones are not sampled.
+MAX_TAIL = 10_000
 
 
 # ----- metadata ------------------------------------------------------------------------------------
@@ -222,10 +232,12 @@ class DataTransformer:
     (softmax, number of modes), 'null' (softmax, 2: [present, null]) or 'category' (softmax, number of
     categories)."""
 
-    def __init__(self, max_modes: int = 10, mode_weight_threshold: float = 0.005, max_categories: int = 50):
+    def __init__(self, max_modes: int = 10, mode_weight_threshold: float = 0.005, max_categories: int = 50,
+                 discrete_integers: int = 100):
         self.max_modes = max_modes
         self.mode_weight_threshold = mode_weight_threshold
         self.max_categories = max_categories
+        self.discrete_integers = discrete_integers
         self.metadata: TabularMetadata | None = None
         self.columns: list[dict] = []
 
@@ -238,26 +250,32 @@ class DataTransformer:
         for name, spec in metadata.columns.items():
             if name not in df.columns:
                 raise KeyError(f"column {name!r} of the metadata is not in the data")
-            if spec.sdtype == "categorical":
+            discrete = (spec.sdtype == "numerical" and spec.integer
+                        and df[name].nunique(dropna=True) <= self.discrete_integers)
+            if spec.sdtype == "categorical" or discrete:
                 values = df[name].astype(object).where(df[name].notna(), NULL)
                 counts = values.value_counts(sort=False)
-                ranked = sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))
-                cats = [_py(c) for c, _ in ranked]
-                if len(cats) > self.max_categories:
-                    cats = cats[:self.max_categories - 1] + [OTHER]
-                freq = np.array([counts.get(c, 0) for c in cats], dtype=float)
-                if cats[-1] == OTHER:
-                    freq[-1] = len(values) - freq[:-1].sum()
-                self.columns.append({"name": name, "sdtype": "categorical", "categories": cats,
+                ranked = [(_py(c), int(n)) for c, n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+                kept, tail = ranked, []
+                if len(ranked) > self.max_categories:
+                    kept, tail = ranked[:self.max_categories - 1] + [(OTHER, 0)], ranked[self.max_categories - 1:]
+                    kept[-1] = (OTHER, sum(n for _, n in tail))
+                    tail = tail[:MAX_TAIL]
+                freq = np.array([n for _, n in kept], dtype=float)
+                tail_freq = np.array([n for _, n in tail], dtype=float)
+                self.columns.append({"name": name, "sdtype": spec.sdtype, "encoding": "category",
+                                     "categories": [c for c, _ in kept],
                                      "frequency": [float(f) for f in freq / freq.sum()],
-                                     "dtype": str(df[name].dtype)})
+                                     "tail": [c for c, _ in tail],
+                                     "tail_frequency": [float(f) for f in tail_freq / max(tail_freq.sum(), 1.0)],
+                                     "has_null": NULL in counts, "tz": None, "dtype": str(df[name].dtype)})
             else:
                 x = _numeric(df[name], spec)
                 w, mu, sd = fit_gaussian_mixture(x, self.max_modes, self.mode_weight_threshold, rng)
                 tz = None
                 if spec.sdtype == "datetime" and getattr(df[name].dtype, "tz", None) is not None:
                     tz = str(df[name].dtype.tz)
-                self.columns.append({"name": name, "sdtype": spec.sdtype, "weights": w.tolist(),
+                self.columns.append({"name": name, "sdtype": spec.sdtype, "encoding": "modes", "weights": w.tolist(),
                                      "means": mu.tolist(), "stds": sd.tolist(),
                                      "has_null": bool(np.isnan(x).any()), "tz": tz,
                                      "dtype": str(df[name].dtype)})
@@ -267,7 +285,7 @@ class DataTransformer:
     def spans(self) -> list[tuple[str, str, str, int]]:
         out = []
         for col in self.columns:
-            if col["sdtype"] == "categorical":
+            if _as_category(col):
                 out.append((col["name"], "category", "softmax", len(col["categories"])))
             else:
                 out.append((col["name"], "scalar", "tanh", 1))
@@ -283,7 +301,7 @@ class DataTransformer:
     def discrete_columns(self) -> list[tuple[int, int, np.ndarray]]:
         """(matrix offset, size, frequency) of every categorical column's one-hot span."""
         out, offset = [], 0
-        freqs = {c["name"]: np.asarray(c["frequency"]) for c in self.columns if c["sdtype"] == "categorical"}
+        freqs = {c["name"]: np.asarray(c["frequency"]) for c in self.columns if _as_category(c)}
         for name, role, _, size in self.spans:
             if role == "category":
                 out.append((offset, size, freqs[name]))
@@ -306,7 +324,7 @@ class DataTransformer:
         n = len(df)
         parts = []
         for col, spec in zip(self.columns, self.metadata.columns.values()):
-            if col["sdtype"] == "categorical":
+            if _as_category(col):
                 codes = self.category_codes(df, col)
                 onehot = np.zeros((n, len(col["categories"])), dtype=np.float32)
                 onehot[np.arange(n), codes] = 1.0
@@ -339,21 +357,31 @@ class DataTransformer:
                 parts.append(np.stack([~null, null], axis=1).astype(np.float32))
         return np.concatenate(parts, axis=1) if parts else np.zeros((n, 0), dtype=np.float32)
 
-    def inverse_transform(self, data: np.ndarray) -> pd.DataFrame:
+    def inverse_transform(self, data: np.ndarray, rng: np.random.Generator | None = None) -> pd.DataFrame:
         """Decode a matrix (scalars in [-1, 1], softmax spans as probabilities, logits or one-hot:
-        the argmax is taken) into a DataFrame with the fitted columns, dtypes and clipping."""
+        the argmax is taken) into a DataFrame with the fitted columns, dtypes and clipping. `rng` draws
+        the tail value of each '__other__' (default: a fixed seed, so decoding is deterministic)."""
         data = np.asarray(data, dtype=float)
+        rng = rng if rng is not None else np.random.default_rng(0)
         out, offset = {}, 0
         for col, spec in zip(self.columns, self.metadata.columns.values()):
-            if col["sdtype"] == "categorical":
+            if _as_category(col):
                 k = len(col["categories"])
                 codes = data[:, offset:offset + k].argmax(axis=1)
                 offset += k
                 values = np.empty(len(data), dtype=object)
-                cats = col["categories"]
-                for i, c in enumerate(cats):
+                for i, c in enumerate(col["categories"]):
                     values[codes == i] = None if c == NULL else c
-                out[col["name"]] = self._restore_categorical(values, col)
+                other = values == OTHER
+                if other.any() and col.get("tail"):
+                    picks = rng.choice(len(col["tail"]), size=int(other.sum()), p=col["tail_frequency"])
+                    values[other] = np.asarray(col["tail"], dtype=object)[picks]
+                if col["sdtype"] == "categorical":
+                    out[col["name"]] = self._restore_categorical(values, col)
+                else:
+                    null = np.array([v is None for v in values], dtype=bool)
+                    x = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+                    out[col["name"]] = self._restore_numeric(x, null, col, spec)
                 continue
             k = len(col["means"])
             scalar = np.clip(data[:, offset], -1.0, 1.0)
@@ -398,15 +426,45 @@ class DataTransformer:
 
     def state(self) -> dict:
         return {"max_modes": self.max_modes, "mode_weight_threshold": self.mode_weight_threshold,
-                "max_categories": self.max_categories, "metadata": self.metadata.to_dict(),
-                "columns": self.columns}
+                "max_categories": self.max_categories, "discrete_integers": self.discrete_integers,
+                "metadata": self.metadata.to_dict(), "columns": self.columns}
 
     @classmethod
     def from_state(cls, state: dict) -> "DataTransformer":
-        t = cls(state["max_modes"], state["mode_weight_threshold"], state["max_categories"])
+        t = cls(state["max_modes"], state["mode_weight_threshold"], state["max_categories"],
+                state["discrete_integers"])
         t.metadata = TabularMetadata.from_dict(state["metadata"])
         t.columns = state["columns"]
         return t
+
+
+def _process_group() -> tuple[int, int]:
+    """(rank, world size) of this process's torch.distributed group; (0, 1) when it trains alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _average_gradients(modules, world: int) -> None:
+    """Replace every rank's gradients by their mean over the ranks, in one all-reduce. Done by hand
+    rather than through the DDP wrapper, because the WGAN-GP penalty differentiates twice, which DDP
+    does not support."""
+    if world == 1:
+        return
+    params = [p for m in modules for p in m.parameters()]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def _as_category(col: dict) -> bool:
+    """Whether a fitted column is one-hot encoded: categorical, or an integer column with few values."""
+    return col["encoding"] == "category"
 
 
 def _activate(raw: torch.Tensor, spans, tau: float | None) -> torch.Tensor:
@@ -596,7 +654,8 @@ class TabularSynthesizer:
     def __init__(self, metadata: TabularMetadata | Mapping | None = None, seed: int = 0,
                  epochs: int = 300, batch_size: int = 500, embedding_dim: int = 128,
                  max_modes: int = 10, mode_weight_threshold: float = 0.005, max_categories: int = 50,
-                 holdout_fraction: float = 0.1, validation_rows: int = 2000, log_every: int = 0):
+                 discrete_integers: int = 100, holdout_fraction: float = 0.1, validation_rows: int = 2000,
+                 log_every: int = 0):
         self.metadata = None if metadata is None else _as_metadata(metadata)
         self.seed = int(seed)
         self.epochs = int(epochs)
@@ -605,6 +664,7 @@ class TabularSynthesizer:
         self.max_modes = int(max_modes)
         self.mode_weight_threshold = float(mode_weight_threshold)
         self.max_categories = int(max_categories)
+        self.discrete_integers = int(discrete_integers)
         self.holdout_fraction = float(holdout_fraction)
         self.validation_rows = int(validation_rows)
         self.log_every = int(log_every)
@@ -638,7 +698,8 @@ class TabularSynthesizer:
         order = rng.permutation(len(df))
         n_hold = int(round(len(df) * self.holdout_fraction)) if len(df) >= 20 else 0
         holdout, train = df.iloc[order[:n_hold]], df.iloc[np.sort(order[n_hold:])]
-        self.transformer = DataTransformer(self.max_modes, self.mode_weight_threshold, self.max_categories)
+        self.transformer = DataTransformer(self.max_modes, self.mode_weight_threshold, self.max_categories,
+                                           self.discrete_integers)
         self.transformer.fit(train, self.metadata, seed=self.seed)
         data = self.transformer.transform(train, rng=rng)
         with torch.random.fork_rng(devices=[]):
@@ -660,7 +721,7 @@ class TabularSynthesizer:
             })
         self.fit_info = {"fit_seconds": round(trained - start, 3),
                          "validate_seconds": round(time.perf_counter() - trained, 3),
-                         "rows": int(len(df)), "data_dim": int(data.shape[1])}
+                         "rows": int(len(df)), "data_dim": int(data.shape[1]), "processes": _process_group()[1]}
         return self
 
     def _train(self, data: np.ndarray, train: pd.DataFrame, rng: np.random.Generator) -> dict:
@@ -679,7 +740,7 @@ class TabularSynthesizer:
                 chunks = [self._sample_matrix(min(self.batch_size, n - i), np.random.default_rng([seed, i]))
                           for i in range(0, n, self.batch_size)]
         data = np.concatenate(chunks, axis=0) if chunks else np.zeros((0, self.transformer.output_dim))
-        return self.transformer.inverse_transform(data)
+        return self.transformer.inverse_transform(data, np.random.default_rng([seed, n]))
 
     def _sample_matrix(self, n: int, rng: np.random.Generator) -> np.ndarray:
         raise NotImplementedError
@@ -813,6 +874,11 @@ class CTGANSynthesizer(TabularSynthesizer):
         n, data_dim = data.shape
         self._n_train = n
         self._build(data_dim, self._cond_dim())
+        rank, world = _process_group()
+        if world > 1:
+            # Same weights on every rank (built above from the shared seed), different draws after.
+            rng = np.random.default_rng([self.seed, rank])
+            torch.manual_seed(self.seed + 7919 * rank)
         spans = self.transformer.spans
         discrete, cum = self._cond_tables(log_frequency=True)
         # Training-by-sampling: rows sorted by category, per categorical column.
@@ -844,7 +910,7 @@ class CTGANSynthesizer(TabularSynthesizer):
                                  weight_decay=self.discriminator_decay)
         cat_spans = [(o, s) for o, s, _ in discrete]
         b = self.batch_size
-        steps = max(1, n // b)
+        steps = max(1, n // (b * world))
         curves = {"generator_loss": [], "discriminator_loss": [], "conditional_loss": [],
                   "gradient_penalty": []}
         g.train()
@@ -867,6 +933,7 @@ class CTGANSynthesizer(TabularSynthesizer):
                     opt_d.zero_grad(set_to_none=False)
                     penalty.backward(retain_graph=True)
                     loss_d.backward()
+                    _average_gradients([d], world)
                     opt_d.step()
                 cond, mask, _, _ = self._draw_cond(b, rng, discrete, cum)
                 c1, m1 = torch.from_numpy(cond), torch.from_numpy(mask)
@@ -878,6 +945,7 @@ class CTGANSynthesizer(TabularSynthesizer):
                 loss_g = -y_fake.mean() + cross
                 opt_g.zero_grad(set_to_none=False)
                 loss_g.backward()
+                _average_gradients([g], world)
                 opt_g.step()
                 sums += [loss_g.item(), loss_d.item(), cross.item(), penalty.item()]
             for key, value in zip(curves, sums / steps):
@@ -954,8 +1022,13 @@ class TVAESynthesizer(TabularSynthesizer):
         data_t = torch.from_numpy(data)
         params = list(self.encoder.parameters()) + list(self.decoder.parameters())
         opt = torch.optim.Adam(params, lr=self.learning_rate, weight_decay=self.weight_decay)
-        b = min(self.batch_size, n)
-        steps = max(1, n // b)
+        rank, world = _process_group()
+        if world > 1:
+            torch.manual_seed(self.seed + 7919 * rank)  # own noise; the weights are already the same
+        # Every rank draws the same permutation (rng is seeded alike) and takes its own slice of each
+        # global batch of b * world rows.
+        b = min(self.batch_size, max(1, n // world))
+        steps = max(1, n // (b * world))
         curves = {"loss": [], "reconstruction_loss": [], "kl_loss": []}
         self.encoder.train()
         self.decoder.train()
@@ -963,7 +1036,7 @@ class TVAESynthesizer(TabularSynthesizer):
             perm = rng.permutation(n)
             sums = np.zeros(3)
             for s in range(steps):
-                x = data_t[perm[s * b:(s + 1) * b]]
+                x = data_t[perm[(s * world + rank) * b:(s * world + rank + 1) * b]]
                 mu, logvar = self.encoder(x)
                 z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
                 recon, sigma = self.decoder(z)
@@ -971,6 +1044,7 @@ class TVAESynthesizer(TabularSynthesizer):
                 loss = rec + kld
                 opt.zero_grad(set_to_none=False)
                 loss.backward()
+                _average_gradients([self.encoder, self.decoder], world)
                 opt.step()
                 with torch.no_grad():
                     self.decoder.sigma.clamp_(0.01, 1.0)

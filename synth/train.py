@@ -18,6 +18,7 @@ training user contexts; all travel inside the checkpoint, so generation needs no
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import shutil
@@ -166,12 +167,8 @@ def run(ctx) -> dict[str, int]:
              row_groups, "" if shard or world_size == 1 else " (too few row groups to shard: every rank reads all)",
              n_items, n_categories, n_gap_buckets, world_size, "local" if cfg.train.local_mode else "distributed")
 
-    from pyspark.ml.torch.distributor import TorchDistributor
-
-    distributor = TorchDistributor(num_processes=world_size, local_mode=cfg.train.local_mode,
-                                   use_gpu=cfg.train.use_gpu)
     with _package_importable():
-        result = distributor.run(train_fn, params)
+        result = _distributor(cfg).run(train_fn, params)
     if not result:
         raise RuntimeError("training finished without a result from rank 0")
     ctx.artifacts["checkpoint"] = result["checkpoint"]
@@ -196,10 +193,18 @@ def run(ctx) -> dict[str, int]:
     }
 
 
-# Profile columns the tabular model learns; n_events and recency_days are derived from them afterwards,
-# because a model learning a sum next to its terms only blurs the relation.
+# Profile columns the tabular model learns. n_events, last_seen and recency_days are derived from them
+# afterwards (n_events = the counts' sum, last_seen = first_seen + active_seconds): a model that learns
+# a sum next to its terms, or two nearly equal timestamps side by side, only blurs the relation.
 PROFILE_COLUMNS = ("n_sessions", "n_views", "n_carts", "n_purchases", "n_searches", "monetary", "first_seen",
-                   "last_seen", "top_category")
+                   "active_seconds", "top_category")
+
+
+def _distributor(cfg):
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    return TorchDistributor(num_processes=cfg.train.num_processes, local_mode=cfg.train.local_mode,
+                            use_gpu=cfg.train.use_gpu)
 
 
 def profile_checkpoint(cfg, run_id: str) -> Path:
@@ -209,29 +214,67 @@ def profile_checkpoint(cfg, run_id: str) -> Path:
 def train_profile_model(ctx) -> int:
     """Fit the tabular model of user profiles (profiles.model) and save it next to the session model.
 
-    Profiles are per-user aggregates, not events; the driver fits on at most profiles.max_rows of them.
+    Profiles are per-user aggregates, not events: the driver collects at most profiles.max_rows of them
+    and hands them to `profile_fn`, which TorchDistributor runs in train.num_processes data-parallel
+    processes, like the session model.
     """
-    from synth.tabular import TabularMetadata, synthesizer_from_config
-
     cfg = ctx.cfg
-    profiles = ctx.read("user_profiles").df.select(*PROFILE_COLUMNS)
-    total = profiles.count()
+    table = ctx.read("user_profiles").df
+    active = F.col("last_seen").cast("double") - F.col("first_seen").cast("double")
+    profiles = table.withColumn("active_seconds", active).select(*PROFILE_COLUMNS)
+    # Epoch seconds, not a collected timestamp: Python would render that in the driver's local zone.
+    total, last_seen = table.agg(F.count("*"), F.max(F.col("last_seen").cast("double"))).first()
     if total == 0:
         raise ValueError("user_profiles is empty: nothing to fit the profile model on")
     if total > cfg.profiles.max_rows:
         profiles = profiles.sample(fraction=cfg.profiles.max_rows / total, seed=cfg.run.seed)
-    frame = profiles.toPandas()
-    metadata = TabularMetadata.detect(frame)
+    params = {
+        "frame": profiles.toPandas(),
+        "profiles": cfg.profiles.to_dict(),
+        "seed": int(cfg.run.seed),
+        "cpu_threads": max(0, int(cfg.train.cpu_threads)),
+        "checkpoint_dir": str(profile_checkpoint(cfg, ctx.run_id).expanduser().resolve()),
+        "metadata": {"run_id": ctx.run_id, "input_versions": dict(ctx.input_versions),
+                     "recency_reference": dt.datetime.fromtimestamp(last_seen, dt.timezone.utc)
+                     .replace(tzinfo=None).isoformat(),
+                     "config": ctx.cfg.to_dict()},
+    }
     started = time.time()
-    synthesizer = synthesizer_from_config(cfg.profiles, metadata, seed=cfg.run.seed).fit(frame)
-    reference = frame["last_seen"].max()
-    path = synthesizer.save(profile_checkpoint(cfg, ctx.run_id), {
-        "run_id": ctx.run_id, "input_versions": dict(ctx.input_versions),
-        "recency_reference": reference.isoformat(), "config": ctx.cfg.to_dict()})
-    ctx.artifacts["profile_checkpoint"] = str(path)
-    log.info("train: %s profile model on %d of %d profiles in %.1f s; validation %s", cfg.profiles.model,
-             len(frame), total, time.time() - started, synthesizer.validation)
-    return len(frame)
+    with _package_importable():
+        result = _distributor(cfg).run(profile_fn, params)
+    ctx.artifacts["profile_checkpoint"] = result["checkpoint"]
+    log.info("train: %s profile model on %d of %d profiles in %d process(es), %.1f s; validation %s",
+             cfg.profiles.model, len(params["frame"]), total, cfg.train.num_processes, time.time() - started,
+             result["validation"])
+    return len(params["frame"])
+
+
+def profile_fn(params: dict) -> dict:
+    """One process fitting the profile model: synth.tabular averages the gradients across the ranks of
+    the process group started here. Rank 0 saves the checkpoint; every rank returns its path and the
+    validation scores."""
+    import torch
+    import torch.distributed as dist
+
+    from synth.tabular import TabularMetadata, synthesizer_from_config
+
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    # The tabular networks are small: CPU, with the machine's cores shared among its processes.
+    torch.set_num_threads(params["cpu_threads"] or max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1:
+        dist.init_process_group("gloo")
+    try:
+        frame = params["frame"]
+        synthesizer = synthesizer_from_config(params["profiles"], TabularMetadata.detect(frame),
+                                              seed=params["seed"]).fit(frame)
+        if rank == 0:
+            synthesizer.save(params["checkpoint_dir"], params["metadata"])
+        return {"checkpoint": params["checkpoint_dir"], "validation": synthesizer.validation}
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def brand_ids(items, n_items: int) -> tuple[list[int], int]:
@@ -535,9 +578,11 @@ def train_fn(params: dict) -> dict | None:
         # The same seed on every rank: Petastorm shuffles row groups with it before dealing them out
         # to shards, so the shards only partition the data when all ranks agree on it. A resumed attempt
         # reseeds with its start step, so it does not replay the batches of the first attempt.
+        # One reading thread: a pool delivers row groups in whichever order its threads finish, and then
+        # the same seed would train on different batches.
         reader = make_batch_reader(params["files"], schema_fields=list(READ_COLUMNS), num_epochs=None,
                                    seed=params["seed"] + start_step, shuffle_row_groups=True,
-                                   reader_pool_type="thread", workers_count=2, **shard)
+                                   reader_pool_type="dummy", **shard)
         rng = np.random.default_rng([params["seed"], rank, start_step])
         batches = _batches(reader, params["batch_size"], rng, buffer_rows=8 * params["batch_size"])
         say(f"{model.num_parameters():,} parameters on {device}; {len(params['files'])} files"

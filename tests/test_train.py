@@ -137,6 +137,28 @@ def test_train_stage_writes_a_checkpoint_that_learned(spark, tiny_lake, make_cfg
     assert (sample["item_idx"][sample["event_type"] != 6] > 0).all()
 
 
+def test_same_seed_and_input_train_the_same_models(spark, lake, make_cfg, tmp_path):
+    """Several token files (row groups a reader pool could deliver in any order), same models twice."""
+    import torch
+
+    from synth.model import load_checkpoint
+    from synth.tabular import load_synthesizer
+
+    lake.write(catalog_df(spark), "item_catalog", app_id="test-featurize")
+    lake.write(profiles_df(spark), "user_profiles", app_id="test-featurize")
+    lake.write(session_tokens_df(spark).repartition(4), "session_tokens", app_id="test-featurize")
+    models = []
+    for attempt in ("a", "b"):
+        cfg = make_cfg(**{**TRAIN_OVERRIDES, "train.max_steps": 8, "train.checkpoint_dir": str(tmp_path / attempt)})
+        ctx, _ = run_train(spark, lake, cfg)
+        session_model, _ = load_checkpoint(ctx.artifacts["checkpoint"])
+        profile_model, _ = load_synthesizer(ctx.artifacts["profile_checkpoint"])
+        models.append((session_model.state_dict(), profile_model.decoder.state_dict()))
+    for first, second in zip(*models):
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first)
+
+
 @pytest.mark.parametrize("partitions", [1, 2])
 def test_train_stage_two_ranks_ddp(spark, lake, make_cfg, partitions):
     """Two gloo DDP ranks, sharding the row groups between them (2 files of one row group each) or, with
@@ -158,6 +180,11 @@ def test_train_stage_two_ranks_ddp(spark, lake, make_cfg, partitions):
     assert metadata["input_versions"] == {"item_catalog": 0, "session_tokens": version}
     assert counts["steps"] == 10
     assert metadata["loss_curve"][-1][1] < metadata["loss_curve"][0][1]
+    # The profile model trains data-parallel over the same two processes.
+    from synth.tabular import load_synthesizer
+
+    profiles, record = load_synthesizer(ctx.artifacts["profile_checkpoint"])
+    assert record["fit"]["processes"] == 2 and len(profiles.sample(50, seed=1)) == 50
 
 
 def test_train_stage_rejects_tokens_outside_the_vocabulary(spark, lake, make_cfg):
