@@ -20,6 +20,10 @@ and exits 0. The numbers are small-sample numbers: the samples are slices (see .
 
     .venv/bin/python benchmarks/quality.py                       # REES46 and YOOCHOOSE, defaults
     .venv/bin/python benchmarks/quality.py --datasets rees46 --max-steps 300
+    .venv/bin/python benchmarks/quality.py --datasets rees46 --max-steps 50,100,300 --seeds 0,1,2
+
+With several budgets or seeds it runs every combination and ends with the time to the targets: per
+budget, how many seeds met every target and the training seconds (mean and spread over the seeds).
 """
 from __future__ import annotations
 
@@ -65,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the shared samples folder (default ../shared/data); absent = SKIPPED")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
                         help="lakes, checkpoints, reports and the JSON result go here (default work/bench-quality)")
-    parser.add_argument("--max-steps", type=int, default=300, help="training budget: train.max_steps (default 300)")
+    parser.add_argument("--max-steps", default="300",
+                        help="training budget(s): train.max_steps, comma-separated to sweep (default 300)")
+    parser.add_argument("--seeds", default="0", help="run.seed value(s), comma-separated (default 0)")
     parser.add_argument("--sessions", type=int, default=2000, help="synthetic sessions to generate (default 2000)")
     parser.add_argument("--classifier", choices=("gbt", "logistic"), default="gbt",
                         help="classifier of the two-sample test (evaluate.two_sample_classifier, default gbt)")
@@ -90,11 +96,12 @@ def adapter_exists(source: str) -> bool:
         return False
 
 
-def overrides_for(dataset: str, args: argparse.Namespace, folder: Path) -> dict:
+def overrides_for(dataset: str, args: argparse.Namespace, folder: Path, steps: int, seed: int) -> dict:
     import yaml
 
     base = {
         "run.id": f"bench-{dataset}",
+        "run.seed": seed,
         "input.source": dataset,
         "input.path": str(args.data_dir / dataset),
         "lake.root": str(folder / "lake"),
@@ -102,7 +109,7 @@ def overrides_for(dataset: str, args: argparse.Namespace, folder: Path) -> dict:
         "evaluate.report_dir": str(folder / "reports"),
         "clean.pseudonym_key_file": str(folder / "secrets" / "pseudonym.key"),
         "spark.master": args.master,
-        "train.max_steps": args.max_steps,
+        "train.max_steps": steps,
         "generate.sessions": args.sessions,
         "evaluate.two_sample_classifier": args.classifier,
     }
@@ -114,7 +121,7 @@ def overrides_for(dataset: str, args: argparse.Namespace, folder: Path) -> dict:
     return base
 
 
-def run_dataset(dataset: str, args: argparse.Namespace, spark_holder: dict) -> dict:
+def run_dataset(dataset: str, args: argparse.Namespace, spark_holder: dict, steps: int, seed: int) -> dict:
     from synth import config
     from synth.config import STAGES
     from synth.lake import Lake
@@ -123,7 +130,7 @@ def run_dataset(dataset: str, args: argparse.Namespace, spark_holder: dict) -> d
     folder = (args.work_dir / dataset).resolve()
     if folder.exists():
         shutil.rmtree(folder)
-    cfg = config.load(overrides=overrides_for(dataset, args, folder))
+    cfg = config.load(overrides=overrides_for(dataset, args, folder, steps, seed))
     # Without a key file the clean stage would draw a random key, and with it a different holdout split.
     key_file = Path(cfg.clean.pseudonym_key_file)
     key_file.parent.mkdir(parents=True, exist_ok=True)
@@ -149,10 +156,12 @@ def run_dataset(dataset: str, args: argparse.Namespace, spark_holder: dict) -> d
               .select("artifacts").first())
     if not args.keep_lake:
         shutil.rmtree(folder / "lake", ignore_errors=True)
-    return {"dataset": dataset, "run_id": cfg.run.id, "stage_seconds": seconds, "counts": counts,
+    return {"dataset": dataset, "run_id": cfg.run.id, "steps": steps, "seed": seed,
+            "stage_seconds": seconds, "counts": counts,
             "metrics": metrics, "targets": verdicts(metrics),
             "report": (report.artifacts or {}).get("report") if report else None,
-            "config": {k: v for k, v in overrides_for(dataset, args, folder).items() if not k.endswith("_file")}}
+            "config": {k: v for k, v in overrides_for(dataset, args, folder, steps, seed).items()
+                       if not k.endswith("_file")}}
 
 
 def verdicts(metrics: dict[str, dict[str, float]]) -> dict[str, dict]:
@@ -192,9 +201,31 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def training_seconds(result: dict) -> float:
+    train = result["counts"]["train"]
+    return (train["session_model_ms"] + train["profile_model_ms"]) / 1000
+
+
+def time_to_targets(results: list[dict]) -> str:
+    """Per dataset and budget: seeds meeting every target, and training seconds mean +- sd (min-max)."""
+    import statistics
+
+    lines = [f"{'dataset':<10}{'steps':>6}{'seeds':>6}{'all targets met':>17}{'training s, mean +- sd (min-max)':>36}"]
+    for key in sorted({(r["dataset"], r["steps"]) for r in results}):
+        runs = [r for r in results if (r["dataset"], r["steps"]) == key]
+        met = sum(all(t["verdict"] == "PASS" for t in r["targets"].values()) for r in runs)
+        seconds = [training_seconds(r) for r in runs]
+        sd = statistics.stdev(seconds) if len(seconds) > 1 else 0.0
+        lines.append(f"{key[0]:<10}{key[1]:>6}{len(runs):>6}{f'{met}/{len(runs)}':>17}"
+                     f"{f'{statistics.mean(seconds):.1f} +- {sd:.1f} ({min(seconds):.1f}-{max(seconds):.1f})':>36}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    budgets = [int(x) for x in args.max_steps.split(",") if x.strip()]
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     unknown = set(datasets) - set(DATASETS)
     if unknown:
         raise SystemExit(f"unknown dataset(s) {sorted(unknown)}; choose from {', '.join(DATASETS)}")
@@ -214,16 +245,21 @@ def main(argv: list[str] | None = None) -> int:
             elif not adapter_exists(dataset):
                 skipped[dataset] = f"no input adapter for input.source {dataset} yet"
             else:
-                results.append(run_dataset(dataset, args, spark_holder))
-                print(f"\n== {dataset} ({results[-1]['counts'].get('evaluate', {})}) ==\n{table(results[-1])}\n",
-                      flush=True)
+                for steps in budgets:
+                    for seed in seeds:
+                        results.append(run_dataset(dataset, args, spark_holder, steps, seed))
+                        print(f"\n== {dataset}, {steps} steps, seed {seed} "
+                              f"({results[-1]['counts'].get('evaluate', {})}) ==\n{table(results[-1])}\n", flush=True)
     finally:
         if "spark" in spark_holder:
             spark_holder["spark"].stop()
     for dataset, why in skipped.items():
         print(f"SKIPPED {dataset}: {why}")
     for result in results:
-        print(f"\n== {result['dataset']} ==\n{table(result)}")
+        print(f"\n== {result['dataset']}, {result['steps']} steps, seed {result['seed']} ==\n{table(result)}")
+    if results:
+        print(f"\nTime to the targets (training = session model + profile model, seconds of the train stage):\n"
+              f"{time_to_targets(results)}")
     out = args.json or args.work_dir / f"quality-{dt.datetime.now():%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"results": results, "skipped": skipped,

@@ -15,6 +15,9 @@ common=(
   --conf spark.sql.extensions=io.delta.sql.DeltaSparkSessionExtension
   --conf spark.sql.catalog.spark_catalog=org.apache.spark.sql.delta.catalog.DeltaCatalog
   --conf spark.dynamicAllocation.enabled=false
+  # Let the JIT compile Spark's large generated methods (the clean stage's row checks): 2x on parsing.
+  --conf spark.driver.extraJavaOptions=-XX:-DontCompileHugeMethods
+  --conf spark.executor.extraJavaOptions=-XX:-DontCompileHugeMethods
 )
 # Training runs as a barrier stage with one process per GPU executor.
 gpu=(

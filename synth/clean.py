@@ -157,16 +157,25 @@ def _fingerprint(cfg, key: bytes) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _file_dates(rows: DataFrame, cfg) -> dict[str, tuple[list[dt.date], int]]:
-    """Per source file: the UTC dates its rows could be events of, and its row count (one row per file).
-
-    Rows with impossible times are left out: they are quarantined whatever else is read, and their
-    odd dates (1970-01-01, ...) would otherwise tie unrelated files together.
-    """
+def _file_stats(rows: DataFrame, cfg) -> list:
+    """One small aggregation serving both the row accounting and the file ledger: rows per source file,
+    validity and plausible event date (null for rows with impossible times, so that their odd dates,
+    1970-01-01 and the like, do not tie unrelated files together)."""
     date = F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time"))
-    stats = rows.groupBy("source_file").agg(
-        F.array_sort(F.collect_set(date)).alias("dates"), F.count("*").alias("rows"))
-    return {_listed(r.source_file): (list(r.dates), r["rows"]) for r in stats.collect()}
+    return rows.groupBy("source_file", F.col("reason").isNull().alias("valid"), date.alias("date")).count().collect()
+
+
+def _file_dates(stats: list) -> dict[str, tuple[list[dt.date], int]]:
+    """Per source file: the UTC dates its rows could be events of, and its row count."""
+    dates: dict[str, set] = {}
+    rows: dict[str, int] = {}
+    for r in stats:
+        path = _listed(r.source_file)
+        dates.setdefault(path, set())
+        if r.date is not None:
+            dates[path].add(r.date)
+        rows[path] = rows.get(path, 0) + r["count"]
+    return {path: (sorted(dates[path]), rows[path]) for path in dates}
 
 
 def _listed(path: str) -> str:
@@ -205,8 +214,8 @@ def _plan(ctx, key: bytes) -> _Plan:
     # The dates the changed files feed now, and those they (or the removed files) fed before.
     dates = {d for r in previous if r.path not in present or r.path in files for d in r.event_dates}
     if files:
-        new_rows = read_source(spark, cfg, files=files).rows
-        dates |= {d for file_dates, _ in _file_dates(new_rows, cfg).values() for d in file_dates}
+        new_rows = read_source(spark, cfg, files=files).rows.withColumn("reason", F.lit(None).cast("string"))
+        dates |= {d for file_dates, _ in _file_dates(_file_stats(new_rows, cfg)).values() for d in file_dates}
     # Unchanged files holding events of an affected date are read again, and their other dates then
     # count as affected too, until the set is closed.
     unchanged = [r for r in previous if r.path in present and r.path not in files and r.role == "feed"]
@@ -265,9 +274,9 @@ def run(ctx) -> dict[str, int]:
         log.warning("clean: the source has no %s; those event fields are null", raw.missing_optional)
         ctx.artifacts["missing_optional_fields"] = ",".join(raw.missing_optional)
     typed = _checked(raw.rows, cfg, price_required="price" not in raw.missing_optional).persist()
-    counts = typed.groupBy(F.col("reason").isNull().alias("valid")).count().collect()
-    valid_count = sum(r["count"] for r in counts if r.valid)
-    raw_count = sum(r["count"] for r in counts)
+    stats = _file_stats(typed, cfg)
+    valid_count = sum(r["count"] for r in stats if r.valid)
+    raw_count = sum(r["count"] for r in stats)
     if raw_count == 0 and plan.full:
         raise ValueError(f"no raw rows in {cfg.input.path} (only headers or blank lines?)")
 
@@ -277,8 +286,10 @@ def run(ctx) -> dict[str, int]:
         F.lower(F.col("brand")).alias("brand"),
         F.when(F.col("needs_item"), F.col("price_value")).alias("price"), "source_file", "raw_line")
     limit = cfg.clean.bot_max_events_per_hour
+    # Persisted: the quarantine and the events both need the verdicts, computed once.
     bots = (valid.groupBy("user_id", "event_date", F.date_trunc("hour", "event_time").alias("hour")).count()
-            .where(F.col("count") > limit).groupBy("user_id", "event_date").agg(F.max("count").alias("peak")))
+            .where(F.col("count") > limit).groupBy("user_id", "event_date").agg(F.max("count").alias("peak"))
+            .persist())
     flagged = valid.join(F.broadcast(bots), ["user_id", "event_date"], "left")
     # Every row of a bot-like user on that date, its exact copies included, is quarantined with its raw
     # text. Per date, not for ever: a date re-processed alone must get the same verdict.
@@ -310,8 +321,9 @@ def run(ctx) -> dict[str, int]:
     replace = None if plan.full else {"event_date": [d.isoformat() for d in plan.dates]}
     clean_count = ctx.write(_sessionize(events, cfg, key), "events", replace=replace).rows
     if plan.inventory is not None:
-        ctx.write(_raw_files(ctx, plan, _file_dates(typed, cfg)), "raw_files")
+        ctx.write(_raw_files(ctx, plan, _file_dates(stats)), "raw_files")
     typed.unpersist()
+    bots.unpersist()
     duplicates = valid_count - by_reason.get("bot_user", 0) - clean_count
 
     skipped = {f"skipped_{r.kind}_lines": r["count"] for r in raw.skipped.groupBy("kind").count().collect()}

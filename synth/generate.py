@@ -83,6 +83,7 @@ def _sampler(checkpoint_files, cfg, base_time: float, gap_quantiles: list[list[f
     run_id, gen = cfg.run.id, cfg.generate
     sizes = shard_sizes(gen.sessions, gen.shards)
     edges = list(cfg.featurize.gap_bucket_edges)
+    context_phase = shard_seed(cfg.run.seed, f"{run_id}/contexts", 0) / 2**63
 
     def sample(batches):
         import pyarrow as pa
@@ -100,8 +101,10 @@ def _sampler(checkpoint_files, cfg, base_time: float, gap_quantiles: list[list[f
                 seed = shard_seed(cfg.run.seed, run_id, shard)
                 with torch.no_grad():
                     generator = torch.Generator().manual_seed(seed)
-                    # User contexts resampled from the training contexts stored in the checkpoint.
-                    context, context_category, lengths = model.draw_contexts(sizes[shard], generator)
+                    # User contexts (with their session lengths) from the training sessions stored in the
+                    # checkpoint: one stratified sample across all shards.
+                    context, context_category, lengths = model.draw_contexts(
+                        sizes[shard], phase=context_phase, first=sum(sizes[:shard]), total=sum(sizes))
                     out = model.sample(sizes[shard], generator, context=context, context_category=context_category,
                                        temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
                                        max_events=gen.max_events,

@@ -439,6 +439,14 @@ def test_quality_benchmark_verdicts_and_table():
     counts = {"train": {"steps": 300, "events_per_s": 3719, "session_model_ms": 19012, "profile_model_ms": 15600}}
     text = quality.table({"metrics": metrics, "targets": verdicts, "stage_seconds": {"train": 41.1}, "counts": counts})
     assert "session model 19.0 s for 300 steps (3,719 events/s), profile model 15.6 s" in text
+    # The sweep summary: per budget, seeds meeting every target and the training seconds' spread.
+    passing = {m: {"verdict": "PASS"} for m in quality.TARGETS}
+    runs = [{"dataset": "rees46", "steps": 100, "targets": passing if seed else verdicts,
+             "counts": {"train": {"session_model_ms": 10_000 + 2_000 * seed, "profile_model_ms": 5_000}}}
+            for seed in range(3)]
+    summary = quality.time_to_targets(runs).splitlines()
+    assert summary[1].split()[:4] == ["rees46", "100", "3", "2/3"]
+    assert "17.0 +- 2.0 (15.0-19.0)" in summary[1]
 
 
 def test_profile_scores_with_synth_tabular_when_present():

@@ -304,11 +304,15 @@ def test_context_bank_and_vocabulary_check(tmp_path):
     save_checkpoint(model, tmp_path / "ckpt", {"vocab": {"n_items": 6, "n_categories": 4}, "run_id": "r1"})
     loaded, metadata = load_checkpoint(tmp_path / "ckpt")
     assert loaded.item_brand.tolist() == ITEM_BRAND and loaded.item_price_bucket.tolist() == ITEM_PRICE
-    context, category, lengths = loaded.draw_contexts(50, torch.Generator().manual_seed(0))
+    context, category, lengths = loaded.draw_contexts(50, phase=0.3)
     assert context.shape == (50, 7) and set(category.tolist()) == {1, 2, 3}
     assert np.array_equal(context, bank[category - 1])
     assert np.array_equal(lengths, np.array([4, 7, 9])[category - 1])  # drawn together with its context
-    assert SessionModel(tiny_config(), **CATALOGUE).draw_contexts(2, torch.Generator())[0].shape == (2, 7)
+    assert sorted(np.bincount(category).tolist()) == [0, 16, 17, 17]  # stratified: each bank row 50/3 times
+    # Shards of one stratified sample (same phase and total, consecutive `first`) make up the whole.
+    parts = [loaded.draw_contexts(n, phase=0.3, first=first, total=50)[2] for first, n in ((0, 20), (20, 30))]
+    assert np.array_equal(np.concatenate(parts), lengths)
+    assert SessionModel(tiny_config(), **CATALOGUE).draw_contexts(2)[0].shape == (2, 7)
 
     check_vocabulary(metadata, n_items=6, n_categories=4)
     check_vocabulary(metadata, n_items=9, n_categories=5)  # appended ids: still compatible

@@ -130,7 +130,7 @@ def test_train_stage_writes_a_checkpoint_that_learned(spark, tiny_lake, make_cfg
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    context, category, lengths = model.draw_contexts(20, generator)
+    context, category, lengths = model.draw_contexts(20)
     sample = model.sample(20, generator, context=context, context_category=category, max_events=10, lengths=lengths)
     assert np.bincount(sample["session"], minlength=20).tolist() == [5] * 20
     assert set(sample["event_type"].tolist()) <= {3, 4, 5, 6}
