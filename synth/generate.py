@@ -3,6 +3,10 @@
 The checkpoint travels to the executors as a broadcast (so a cluster needs no shared filesystem)
 and each task loads it once. A shard's seed is derived from (run.seed, run id, shard), so the same
 run always samples the same sessions whatever the cluster's size or scheduling.
+
+No synthetic session copies a real one: a sampled session of 2+ events whose item sequence equals a
+training session's is sampled again (generate.copy_retries times) and dropped, counted, if it still
+does. The training sequences travel to the tasks as a sorted array of 60-bit hashes.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from pyspark.accumulators import AccumulatorParam
 from pyspark.sql import functions as F
 
 from synth.featurize import TOKEN_EVENTS
@@ -23,6 +28,46 @@ log = logging.getLogger(__name__)
 GAP_QUANTILES = 200  # real gap values per gap bucket that synthetic gaps are drawn from (gap_quantiles)
 _SAMPLE_DDL = ("session_id string, shard int, position int, event_time timestamp, event_type string, "
                "item_idx int")
+
+
+def sequence_key(items) -> int:
+    """An item sequence as a 60-bit integer: the first 15 hex digits of the SHA-256 of the item ids
+    joined by commas, as `train_sequence_keys` computes it in Spark."""
+    return int(hashlib.sha256(",".join(str(int(i)) for i in items).encode()).hexdigest()[:15], 16)
+
+
+def train_sequence_keys(sessions) -> np.ndarray:
+    """Sorted distinct keys of the training sessions of 2+ events (a single event is too common to
+    single anyone out; evaluate's exact_copy_share counts the same sessions)."""
+    text = F.concat_ws(",", F.col("item_idx").cast("array<string>"))
+    key = F.conv(F.substring(F.sha2(text, 256), 1, 15), 16, 10).cast("long")
+    rows = (sessions.where((F.col("split") == "train") & (F.col("n_events") >= 2))
+            .select(key.alias("key")).distinct().collect())
+    return np.sort(np.array([r.key for r in rows], dtype=np.int64))
+
+
+def copied_sessions(out: dict, n: int, train_keys: np.ndarray) -> np.ndarray:
+    """Indices (of 0..n-1) of the sampled sessions of 2+ events whose item sequence is a training one's."""
+    bounds = np.searchsorted(out["session"], np.arange(n + 1))
+    long_enough = np.flatnonzero(np.diff(bounds) >= 2)
+    if not len(long_enough) or not len(train_keys):
+        return np.zeros(0, dtype=np.int64)
+    keys = np.array([sequence_key(out["item_idx"][bounds[s]:bounds[s + 1]]) for s in long_enough], dtype=np.int64)
+    found = np.minimum(np.searchsorted(train_keys, keys), len(train_keys) - 1)
+    return long_enough[train_keys[found] == keys]
+
+
+def replace_sessions(out: dict, which: np.ndarray, replacement: dict | None) -> dict:
+    """`out` without the sessions `which`, plus, when given, `replacement`'s sessions 0..len(which)-1
+    under those indices; ordered by session then position."""
+    keep = ~np.isin(out["session"], which)
+    parts = {k: [v[keep]] for k, v in out.items()}
+    if replacement is not None:
+        for k, v in replacement.items():
+            parts[k].append(which[v] if k == "session" else v)
+    merged = {k: np.concatenate(v) for k, v in parts.items()}
+    order = np.lexsort((merged["position"], merged["session"]))
+    return {k: v[order] for k, v in merged.items()}
 
 
 def shard_seed(seed: int, run_id: str, shard: int) -> int:
@@ -79,7 +124,8 @@ def _unpacked(checkpoint_files, load):
         return load(folder)
 
 
-def _sampler(checkpoint_files, cfg, base_time: float, gap_quantiles: list[list[float]] | None):
+def _sampler(checkpoint_files, cfg, base_time: float, gap_quantiles: list[list[float]] | None, train_keys,
+             copy_counts):
     run_id, gen = cfg.run.id, cfg.generate
     sizes = shard_sizes(gen.sessions, gen.shards)
     edges = list(cfg.featurize.gap_bucket_edges)
@@ -105,10 +151,24 @@ def _sampler(checkpoint_files, cfg, base_time: float, gap_quantiles: list[list[f
                     # checkpoint: one stratified sample across all shards.
                     context, context_category, lengths = model.draw_contexts(
                         sizes[shard], phase=context_phase, first=sum(sizes[:shard]), total=sum(sizes))
-                    out = model.sample(sizes[shard], generator, context=context, context_category=context_category,
-                                       temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p,
-                                       max_events=gen.max_events,
-                                       lengths=lengths if gen.session_lengths == "empirical" else None)
+
+                    def draw(rows):
+                        return model.sample(len(rows), generator, context=context[rows],
+                                            context_category=context_category[rows], temperature=gen.temperature,
+                                            top_k=gen.top_k, top_p=gen.top_p, max_events=gen.max_events,
+                                            lengths=lengths[rows] if gen.session_lengths == "empirical" else None)
+
+                    out = draw(np.arange(sizes[shard]))
+                    copies = copied_sessions(out, sizes[shard], train_keys.value)
+                    for _ in range(gen.copy_retries):
+                        if not len(copies):
+                            break
+                        copy_counts.add(np.array([len(copies), 0]))
+                        out = replace_sessions(out, copies, draw(copies))
+                        copies = copied_sessions(out, sizes[shard], train_keys.value)
+                    if len(copies):
+                        copy_counts.add(np.array([0, len(copies)]))
+                        out = replace_sessions(out, copies, None)
                 rng = np.random.default_rng(seed)
                 session = np.asarray(out["session"])
                 starts = np.round((base_time + rng.uniform(0, 86400, size=max(sizes[shard], 1))) * 1e6)
@@ -203,13 +263,31 @@ def run(ctx) -> dict[str, int]:
 
     files = {p.name: p.read_bytes() for p in checkpoint.iterdir() if p.is_file()}
     shards = cfg.generate.shards
+    keys = spark.sparkContext.broadcast(train_sequence_keys(sessions) if cfg.generate.copy_retries >= 0
+                                        else np.zeros(0, dtype=np.int64))
+    # [sessions sampled again, sessions dropped]; a retried task would add its shard twice.
+    copy_counts = spark.sparkContext.accumulator(np.zeros(2, dtype=np.int64), _ArrayAccumulator())
     sampled = (spark.range(shards, numPartitions=shards)
-               .mapInArrow(_sampler(spark.sparkContext.broadcast(files), cfg, base, gaps), _SAMPLE_DDL))
+               .mapInArrow(_sampler(spark.sparkContext.broadcast(files), cfg, base, gaps, keys, copy_counts),
+                           _SAMPLE_DDL))
     events = (sampled.join(F.broadcast(catalog.select("item_idx", "item_id", "category", "brand", "price")),
                            "item_idx", "left")
               .withColumn("run_id", F.lit(ctx.run_id)).drop("item_idx"))
     commit = ctx.write(events, "synthetic_events", replace={"run_id": ctx.run_id})
     sessions = ctx.lake.read("synthetic_events", commit.version).df.where(
         F.col("run_id") == ctx.run_id).select("session_id").distinct().count()
+    resampled, dropped = (int(x) for x in copy_counts.value)
+    if resampled or dropped:
+        log.info("generate: %d sampled session(s) copied a training session's items and were sampled again; "
+                 "%d still did after %d retries and were dropped", resampled, dropped, cfg.generate.copy_retries)
     return {"synthetic_sessions": sessions, "synthetic_events": commit.rows,
+            "copies_resampled": resampled, "copies_dropped": dropped,
             "synthetic_profiles": generate_profiles(ctx)}
+
+
+class _ArrayAccumulator(AccumulatorParam):
+    def zero(self, value):
+        return np.zeros_like(value)
+
+    def addInPlace(self, a, b):
+        return a + b

@@ -6,7 +6,8 @@ from pyspark.sql import functions as F
 import schemas
 from synth import config
 from synth.config import STAGES
-from synth.generate import gap_seconds, shard_seed, shard_sizes
+from synth.generate import (copied_sessions, gap_seconds, replace_sessions, sequence_key, shard_seed, shard_sizes,
+                            train_sequence_keys)
 from synth.lake import Lake
 from synth.runner import main, run_stage
 
@@ -69,13 +70,26 @@ def test_row_accounting_and_ledger(pipeline):
 def test_synthetic_events_use_real_items_with_their_attributes(pipeline):
     cfg, lake, counts, _ = pipeline
     synthetic = lake.read("synthetic_events").df.where(F.col("run_id") == cfg.run.id)
-    assert synthetic.select("session_id").distinct().count() == cfg.generate.sessions
+    dropped = counts["generate"]["copies_dropped"]
+    assert synthetic.select("session_id").distinct().count() == cfg.generate.sessions - dropped
     assert {r.shard for r in synthetic.select("shard").distinct().collect()} == {0, 1, 2}
     catalog = lake.read("item_catalog").df
     items = synthetic.where(F.col("item_id").isNotNull())
     mismatched = items.join(catalog, "item_id", "left_anti").count()
     assert items.count() > 0 and mismatched == 0
     assert synthetic.where((F.col("event_type") != "search") & F.col("item_id").isNull()).count() == 0
+
+
+def test_no_synthetic_session_copies_a_training_session(pipeline):
+    cfg, lake, counts, _ = pipeline
+    synthetic = (lake.read("synthetic_events").df.where(F.col("run_id") == cfg.run.id)
+                 .groupBy("session_id").agg(F.sort_array(F.collect_list(F.struct(
+                     "position", F.coalesce("item_id", F.lit("")).alias("item")))).alias("e"))
+                 .select(F.col("e.item").alias("items")))
+    train = (lake.read("sessions").df.where("split = 'train' AND n_events >= 2")
+             .select(F.transform("item_ids", lambda i: F.coalesce(i, F.lit(""))).alias("items")))
+    assert synthetic.where(F.size("items") >= 2).join(train, "items").count() == 0
+    assert counts["generate"]["copies_resampled"] >= counts["generate"]["copies_dropped"] >= 0
 
 
 def test_synthetic_profiles_are_sampled_per_shard(pipeline):
@@ -136,6 +150,26 @@ def test_command_line_runs_the_pipeline_for_a_new_run(pipeline, capsys):
     assert runs["night-1"] == counts["merge"]["training_rows"]
     assert runs["night-2"] == counts["clean"]["clean"] + lake.read("synthetic_events").df.where(
         F.col("run_id") == "night-2").count()
+
+
+def test_copied_sessions_are_found_and_replaced():
+    out = {"session": np.array([0, 0, 1, 2, 2, 2]), "position": np.array([0, 1, 0, 0, 1, 2]),
+           "item_idx": np.array([5, 6, 5, 7, 7, 8])}
+    train = np.sort(np.array([sequence_key([5, 6]), sequence_key([5]), sequence_key([1, 2])], dtype=np.int64))
+    copies = copied_sessions(out, 3, train)
+    assert copies.tolist() == [0]  # session 1 is a single event: too common to count as a copy
+    again = {"session": np.array([0, 0, 0]), "position": np.array([0, 1, 2]), "item_idx": np.array([9, 9, 9])}
+    merged = replace_sessions(out, copies, again)
+    assert merged["session"].tolist() == [0, 0, 0, 1, 2, 2, 2]
+    assert merged["item_idx"].tolist() == [9, 9, 9, 5, 7, 7, 8]
+    assert replace_sessions(out, np.array([2]), None)["session"].tolist() == [0, 0, 1]
+    assert copied_sessions(out, 3, np.zeros(0, dtype=np.int64)).tolist() == []
+
+
+def test_sequence_keys_match_between_spark_and_python(spark):
+    sessions = spark.createDataFrame([("train", 2, [5, 6]), ("train", 1, [5]), ("holdout", 2, [1, 2])],
+                                     "split string, n_events int, item_idx array<int>")
+    assert train_sequence_keys(sessions).tolist() == [sequence_key([5, 6])]
 
 
 def test_shard_seeds_and_sizes():
