@@ -265,7 +265,7 @@ def run(ctx) -> dict[str, int]:
     shards = cfg.generate.shards
     keys = spark.sparkContext.broadcast(train_sequence_keys(sessions) if cfg.generate.copy_retries >= 0
                                         else np.zeros(0, dtype=np.int64))
-    # [sessions sampled again, sessions dropped]; a retried task would add its shard twice.
+    # [re-draws of copied sessions, sessions dropped]; a retried task would add its shard twice.
     copy_counts = spark.sparkContext.accumulator(np.zeros(2, dtype=np.int64), _ArrayAccumulator())
     sampled = (spark.range(shards, numPartitions=shards)
                .mapInArrow(_sampler(spark.sparkContext.broadcast(files), cfg, base, gaps, keys, copy_counts),
@@ -278,8 +278,8 @@ def run(ctx) -> dict[str, int]:
         F.col("run_id") == ctx.run_id).select("session_id").distinct().count()
     resampled, dropped = (int(x) for x in copy_counts.value)
     if resampled or dropped:
-        log.info("generate: %d sampled session(s) copied a training session's items and were sampled again; "
-                 "%d still did after %d retries and were dropped", resampled, dropped, cfg.generate.copy_retries)
+        log.info("generate: %d re-draw(s) of sessions that copied a training session's items; %d session(s) "
+                 "still did after %d retries and were dropped", resampled, dropped, cfg.generate.copy_retries)
     return {"synthetic_sessions": sessions, "synthetic_events": commit.rows,
             "copies_resampled": resampled, "copies_dropped": dropped,
             "synthetic_profiles": generate_profiles(ctx)}

@@ -31,14 +31,15 @@ def build_session(cfg: Config) -> SparkSession:
         # Progress bars help at a terminal and only litter scheduler logs.
         .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())
     )
-    # The clean stage's row checks generate Java methods above the JVM's 8,000-byte JIT limit, which
-    # then run interpreted: parsing the raw lines took twice as long (5.1 s against 2.4 s for 505k
-    # rows on one core).
-    for key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
-        builder = builder.config(key, JIT_HUGE_METHODS)
-    # spark-submit starts Python with a gateway to its JVM; its --master and resources then win.
+    # spark-submit starts Python with a gateway to its JVM; its --master, resources and Java options
+    # then win (deploy/submit-cluster.sh passes the JIT option below itself).
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
         builder = builder.master(cfg.spark.master).config("spark.driver.memory", cfg.spark.driver_memory)
+        # The clean stage's row checks generate Java methods above the JVM's 8,000-byte JIT limit, which
+        # then run interpreted: parsing the raw lines took twice as long (5.1 s against 2.4 s for 505k
+        # rows on one core).
+        for key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
+            builder = builder.config(key, JIT_HUGE_METHODS)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     for key, value in (("spark.sql.session.timeZone", "UTC"),

@@ -268,7 +268,7 @@ class DataTransformer:
                                      "frequency": [float(f) for f in freq / freq.sum()],
                                      "tail": [c for c, _ in tail],
                                      "tail_frequency": [float(f) for f in tail_freq / max(tail_freq.sum(), 1.0)],
-                                     "has_null": NULL in counts, "tz": None, "dtype": str(df[name].dtype)})
+                                     "dtype": str(df[name].dtype)})
             else:
                 x = _numeric(df[name], spec)
                 w, mu, sd = fit_gaussian_mixture(x, self.max_modes, self.mode_weight_threshold, rng)
@@ -379,9 +379,8 @@ class DataTransformer:
                 if col["sdtype"] == "categorical":
                     out[col["name"]] = self._restore_categorical(values, col)
                 else:
-                    null = np.array([v is None for v in values], dtype=bool)
-                    x = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
-                    out[col["name"]] = self._restore_numeric(x, null, col, spec)
+                    x = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").to_numpy(float)
+                    out[col["name"]] = self._restore_numeric(x, np.isnan(x), col, spec)
                 continue
             k = len(col["means"])
             scalar = np.clip(data[:, offset], -1.0, 1.0)
@@ -783,6 +782,9 @@ class TabularSynthesizer:
             raise CheckpointError(f"checkpoint {directory}: {MODEL_FILE} has sha256 {actual} but metadata.json "
                                   f"records {expected}; the file was altered or belongs to another checkpoint")
         payload = torch.load(model_file, map_location="cpu", weights_only=True)
+        if payload.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"checkpoint {directory} has profile model format {payload.get('format_version')}, "
+                                  f"this code reads format {FORMAT_VERSION}; train the run again to replace it")
         klass = SYNTHESIZERS[payload["synthesizer"]]
         if cls is not TabularSynthesizer and not issubclass(klass, cls):
             raise CheckpointError(f"checkpoint {directory} holds a {klass.__name__}, not a {cls.__name__}")

@@ -209,6 +209,12 @@ def test_save_load_round_trip_and_tamper_detection(fitted, tmp_path, name):
     assert record["tabular_metadata"]["tier"]["sdtype"] == "categorical"
     pd.testing.assert_frame_equal(loaded.sample(300, seed=4), synth.sample(300, seed=4))
     assert isinstance(TabularSynthesizer.load(target), type(synth))
+    older = tmp_path / "older"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("synth.tabular.FORMAT_VERSION", 1)
+        synth.save(older)
+    with pytest.raises(CheckpointError, match="format 1, this code reads format 2"):
+        load_synthesizer(older)
     model_file = target / "model.pt"
     raw = bytearray(model_file.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
