@@ -105,31 +105,44 @@ def _checked(rows: DataFrame, cfg, price_required: bool = True) -> DataFrame:
             .withColumn("reason", reason).withColumn("detail", detail))
 
 
-def _sessionize(events: DataFrame, cfg, key: bytes) -> DataFrame:
-    """Session ids: the source's session where present, else inactivity-gap splits; long sessions capped.
+def _deduplicated_sessions(rows: DataFrame, cfg, key: bytes) -> DataFrame:
+    """Exact duplicates dropped, session ids assigned, users pseudonymized: one sort, one window pass.
 
-    Sessions are also cut at UTC midnight, so that a date re-processed alone (incremental runs)
-    gets exactly the sessions a full run would give it.
+    Exact duplicates share every canonical field, so they sort next to each other within their
+    (user, source session, date); the copy from the first source file is kept. Session ids are the
+    source's session where present, else inactivity-gap splits; long sessions are capped by
+    splitting. Sessions are also cut at UTC midnight, so that a date re-processed alone (incremental
+    runs) gets exactly the sessions a full run would give it.
     """
-    order = [F.col(c) for c in ("event_time", "event_type", "item_id", "price", "brand", "category")]
-    events = events.withColumn("event_date", F.to_date("event_time"))
-    by_source_session = Window.partitionBy("user_id", "session_id", "event_date").orderBy(*order)
+    rows = rows.withColumn("event_date", F.to_date("event_time"))
+    by_source_session = Window.partitionBy("user_id", "session_id", "event_date").orderBy(
+        *[F.col(c).asc_nulls_first() for c in ("event_time", "event_type", "item_id", "price", "brand",
+                                                "category", "category_path", "source_file")])
+    so_far = by_source_session.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    duplicate = F.lit(True)
+    for c in ("event_time", "event_type", "item_id", "price", "brand", "category", "category_path"):
+        duplicate = duplicate & F.col(c).eqNullSafe(F.lag(c).over(by_source_session))
+    # A duplicate's gap is 0, so it never starts a segment.
     gap = F.col("event_time").cast("long") - F.lag(F.col("event_time").cast("long")).over(by_source_session)
-    starts = F.when(F.col("session_id").isNull() & (gap > cfg.clean.session_gap_minutes * 60), 1).otherwise(0)
-    events = events.withColumn("_segment", F.sum(starts).over(
-        by_source_session.rowsBetween(Window.unboundedPreceding, Window.currentRow)))
-    by_segment = Window.partitionBy("user_id", "session_id", "event_date", "_segment").orderBy(*order)
-    events = events.withColumn(
-        "_part", F.floor((F.row_number().over(by_segment) - 1) / cfg.clean.max_session_events))
+    starts = F.col("session_id").isNull() & (gap > cfg.clean.session_gap_minutes * 60)
+    rows = (rows.withColumn("_duplicate", duplicate).withColumn("_starts", F.coalesce(starts, F.lit(False)))
+            .withColumn("_segment", F.sum(F.col("_starts").cast("int")).over(so_far))
+            # Events kept so far, and how many were kept before the current segment began.
+            .withColumn("_kept", F.sum((~F.col("_duplicate")).cast("int")).over(so_far))
+            .withColumn("_before", F.max(F.when(F.col("_starts"), F.col("_kept") - 1)).over(so_far))
+            .where(~F.col("_duplicate")))
+    position = F.col("_kept") - F.coalesce(F.col("_before"), F.lit(0))
+    part = F.floor((position - 1) / cfg.clean.max_session_events)
     session_key = F.concat_ws("|", F.col("user_id"), F.coalesce(F.col("session_id"), F.lit("")),
-                              F.col("event_date"), F.col("_segment"), F.col("_part"))
+                              F.col("event_date"), F.col("_segment"), part)
     pseudonym = hmac_sha256(key, F.concat(F.lit("user|"), F.col("user_id")))
-    events = (events
-              .withColumn("session_id", F.concat(F.lit("s_"), F.substring(hmac_sha256(key, session_key), 1, 32)))
-              .withColumn("user_id", F.concat(F.lit("u_"), F.substring(pseudonym, 1, 32)))
-              .drop("_segment", "_part"))
+    rows = rows.select(
+        *[c for c in rows.columns if c not in ("user_id", "session_id") and not c.startswith("_")],
+        F.concat(F.lit("u_"), F.substring(pseudonym, 1, 32)).alias("user_id"),
+        F.concat(F.lit("s_"), F.substring(hmac_sha256(key, session_key), 1, 32)).alias("session_id"))
+    # Over the pseudonymized ids: an unkeyed hash of the raw user id could be inverted by trying ids.
     canonical = F.concat_ws("\x1f", *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in _CANONICAL])
-    return events.withColumn("event_id", F.substring(F.sha2(canonical, 256), 1, 32))
+    return rows.withColumn("event_id", F.substring(F.sha2(canonical, 256), 1, 32))
 
 
 @dataclass
@@ -315,12 +328,9 @@ def run(ctx) -> dict[str, int]:
             f"Inspect: SELECT reason, count(*) FROM delta.`{ctx.lake.uri('quarantine')}` "
             f"WHERE run_id = '{ctx.run_id}' GROUP BY reason")
 
-    # Exact duplicates share all canonical fields: one event is kept (from the first file).
-    # One shuffle by user serves both the de-duplication and the session windows.
-    events = (flagged.where(F.col("peak").isNull()).select(*_CANONICAL, "source_file").repartition("user_id")
-              .groupBy(*_CANONICAL).agg(F.min("source_file").alias("source_file")))
+    events = _deduplicated_sessions(flagged.where(F.col("peak").isNull()).select(*_CANONICAL, "source_file"), cfg, key)
     replace = None if plan.full else {"event_date": [d.isoformat() for d in plan.dates]}
-    clean_count = ctx.write(_sessionize(events, cfg, key), "events", replace=replace).rows
+    clean_count = ctx.write(events, "events", replace=replace).rows
     if plan.inventory is not None:
         ctx.write(_raw_files(ctx, plan, _file_dates(stats)), "raw_files")
     typed.unpersist()

@@ -25,7 +25,8 @@ TOKEN_EVENTS = {token: name for name, token in EVENT_TOKENS.items()}
 log = logging.getLogger(__name__)
 
 
-def _append_ids(current: DataFrame, known: DataFrame, key: str, id_column: str) -> DataFrame:
+def _append_ids(current: DataFrame, known: DataFrame, key: str, id_column: str,
+                persisted: list[DataFrame]) -> DataFrame:
     """Give every `key` of `current` an id: its known id, or the next free ones in key order."""
     start = known.agg(F.coalesce(F.max(id_column), F.lit(0))).first()[0]
     new = current.select(key).distinct().join(known, key, "left_anti")
@@ -36,6 +37,7 @@ def _append_ids(current: DataFrame, known: DataFrame, key: str, id_column: str) 
     ranked = (new.repartitionByRange(key).sortWithinPartitions(key)
               .select(key, F.spark_partition_id().alias("_part"), F.monotonically_increasing_id().alias("_row"))
               .persist())
+    persisted.append(ranked)
     offsets, before = [], start
     for part in ranked.groupBy("_part").agg(F.count("*").alias("n"), F.min("_row").alias("first")).orderBy("_part").collect():
         offsets.append((part["_part"], before - part["first"] + 1))
@@ -45,7 +47,9 @@ def _append_ids(current: DataFrame, known: DataFrame, key: str, id_column: str) 
         key, (F.col("_row") + F.col("_offset")).cast("int").alias(id_column)))
 
 
-def build_item_catalog(events: DataFrame, previous: DataFrame | None) -> DataFrame:
+def build_item_catalog(events: DataFrame, previous: DataFrame | None, persisted: list[DataFrame]) -> DataFrame:
+    """The catalogue with stable ids. The frames it persists (item-level, never events) are appended to
+    `persisted`, for the caller to unpersist once the catalogue is written."""
     items = (events.where(F.col("item_id").isNotNull()).groupBy("item_id").agg(
         F.mode("category", deterministic=True).alias("category"),
         F.mode("brand", deterministic=True).alias("brand"),
@@ -58,11 +62,14 @@ def build_item_catalog(events: DataFrame, previous: DataFrame | None) -> DataFra
                 "price double, price_min double, price_max double, price_mean double, popularity long")
     # Items gone from today's events stay in the vocabulary, with no popularity today.
     retired = previous.join(items.select("item_id"), "item_id", "left_anti").withColumn("popularity", F.lit(0).cast("long"))
-    items = items.unionByName(retired.select(*items.columns))
-    item_ids = _append_ids(items, previous.select("item_id", "item_idx"), "item_id", "item_idx")
+    # Persisted: the id assignment reads the items four times (ranges, ranks, offsets, the final join),
+    # and each read would aggregate the events again.
+    items = items.unionByName(retired.select(*items.columns)).persist()
+    persisted.append(items)
+    item_ids = _append_ids(items, previous.select("item_id", "item_idx"), "item_id", "item_idx", persisted)
     category_ids = _append_ids(items.where(F.col("category").isNotNull()),
                                previous.where(F.col("category").isNotNull()).select("category", "category_idx").distinct(),
-                               "category", "category_idx")
+                               "category", "category_idx", persisted)
     return (items.join(item_ids, "item_id").join(category_ids, "category", "left")
             .withColumn("category_idx", F.coalesce("category_idx", F.lit(0)).cast("int")))
 
@@ -198,7 +205,10 @@ def run(ctx) -> dict[str, int]:
     dates = _dates_to_rebuild(ctx)
     events = ctx.read("events").df
     previous = ctx.read("item_catalog").df if ctx.lake.exists("item_catalog") else None
-    catalog_commit = ctx.write(build_item_catalog(events, previous), "item_catalog")
+    persisted: list[DataFrame] = []
+    catalog_commit = ctx.write(build_item_catalog(events, previous, persisted), "item_catalog")
+    for frame in persisted:
+        frame.unpersist()
     catalog = ctx.lake.read("item_catalog", catalog_commit.version).df
 
     if dates is None:

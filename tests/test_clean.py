@@ -121,3 +121,32 @@ def test_rees46_sample(spark, lake, make_cfg):
     assert counts["quarantined.bad_price"] == 19
     assert counts["quarantined.malformed_line"] == 1
     assert counts["raw"] == counts["clean"] + counts["quarantined"] + counts["duplicates"]
+
+
+def test_duplicates_are_dropped_and_long_sessions_capped_in_one_pass(spark, make_cfg):
+    import datetime as dt
+
+    cfg = make_cfg(**{"clean.max_session_events": 2, "clean.session_gap_minutes": 30})
+    t0 = dt.datetime(2026, 11, 1, 23, 0)
+    minutes = lambda m: t0 + dt.timedelta(minutes=m)  # noqa: E731
+    rows = [
+        # u1, no source session: 4 events within the gap, one of them duplicated in a later file. The
+        # cap of 2 events makes two sessions; the duplicate must count neither as an event nor a position.
+        (minutes(0), "view", "u1", None, "a", "f1"), (minutes(1), "view", "u1", None, "b", "f2"),
+        (minutes(1), "view", "u1", None, "b", "f1"), (minutes(2), "view", "u1", None, "c", "f1"),
+        (minutes(3), "view", "u1", None, "d", "f1"),
+        # u1 after a 40-minute gap: a new segment, also cut at midnight (00:05 the next day).
+        (minutes(43), "view", "u1", None, "e", "f1"), (minutes(65), "view", "u1", None, "f", "f1"),
+    ]
+    df = spark.createDataFrame(
+        [(t, e, u, s, i, "c", None, "b", 1.0, f) for t, e, u, s, i, f in rows],
+        "event_time timestamp, event_type string, user_id string, session_id string, item_id string, "
+        "category string, category_path string, brand string, price double, source_file string")
+    events = clean._deduplicated_sessions(df, cfg, b"k").collect()
+    assert len(events) == 6
+    assert next(r for r in events if r.item_id == "b").source_file == "f1"
+    sessions = {}
+    for r in sorted(events, key=lambda r: r.event_time):
+        sessions.setdefault(r.session_id, []).append(r.item_id)
+    assert sorted(sessions.values()) == [["a", "b"], ["c", "d"], ["e"], ["f"]]
+    assert len({r.event_id for r in events}) == 6 and len({r.user_id for r in events}) == 1

@@ -18,12 +18,12 @@ def _events(spark, rows):
 
 def test_vocabulary_ids_are_stable_and_new_items_are_appended(spark):
     day1 = _events(spark, [(0, "view", "s1", "b", "c1", 2.0), (1, "view", "s1", "a", "c2", 1.0)])
-    first = build_item_catalog(day1, None)
+    first = build_item_catalog(day1, None, [])
     ids1 = {r.item_id: r.item_idx for r in first.collect()}
     assert ids1 == {"a": 1, "b": 2}
     day2 = _events(spark, [(0, "view", "s2", "c", "c3", 3.0), (1, "view", "s2", "b", "c1", 2.0),
                            (2, "view", "s2", "0", "c1", 2.0)])
-    second = {r.item_id: r for r in build_item_catalog(day2, first).collect()}
+    second = {r.item_id: r for r in build_item_catalog(day2, first, []).collect()}
     assert {k: v.item_idx for k, v in second.items()} == {"a": 1, "b": 2, "0": 3, "c": 4}
     assert second["a"].popularity == 0 and second["b"].popularity == 1
     assert second["b"].category_idx == next(r.category_idx for r in first.collect() if r.item_id == "b")
@@ -33,14 +33,14 @@ def test_vocabulary_ids_are_stable_and_new_items_are_appended(spark):
 def test_catalog_holds_price_statistics_and_popularity(spark):
     events = _events(spark, [(0, "view", "s1", "a", "c1", 1.0), (1, "cart", "s1", "a", "c1", 3.0),
                              (2, "view", "s2", "a", "c1", 8.0), (3, "view", "s2", "b", "c2", 5.0)])
-    a = next(r for r in build_item_catalog(events, None).collect() if r.item_id == "a")
+    a = next(r for r in build_item_catalog(events, None, []).collect() if r.item_id == "a")
     assert (a.price, a.price_min, a.price_max, a.price_mean, a.popularity) == (3.0, 1.0, 8.0, 4.0, 3)
 
 
 def test_sessions_are_ordered_with_gaps_and_tokens_are_framed(spark):
     events = _events(spark, [(30, "cart", "s1", "a", "c1", 1.0), (0, "view", "s1", "a", "c1", 1.0),
                              (10, "search", "s1", None, "c1", None)])
-    catalog = build_item_catalog(events, None)
+    catalog = build_item_catalog(events, None, [])
     sessions = build_sessions(events, catalog, holdout_percent=0).collect()
     assert len(sessions) == 1
     s = sessions[0]
@@ -61,7 +61,7 @@ def test_sessions_are_ordered_with_gaps_and_tokens_are_framed(spark):
 def test_long_sessions_become_overlapping_windows_covering_every_token(spark):
     rows = [(i, "view", "s1", f"i{i}", "c", 1.0) for i in range(10)]
     events = _events(spark, rows)
-    catalog = build_item_catalog(events, None)
+    catalog = build_item_catalog(events, None, [])
     sessions = build_sessions(events, catalog, holdout_percent=0)
     contexts = spark.createDataFrame([("u1", [0.0] * 7, 0)], "user_id string, user_context array<float>, user_category_idx int")
     windows = sorted(build_session_tokens(sessions, catalog, contexts, window=4, edges=[0]).collect(),
@@ -76,7 +76,7 @@ def test_long_sessions_become_overlapping_windows_covering_every_token(spark):
 @pytest.mark.parametrize("percent,expected", [(0, {"train"}), (100, {"holdout"})])
 def test_holdout_split_follows_the_configured_share(spark, percent, expected):
     events = _events(spark, [(i, "view", f"s{i}", "a", "c", 1.0) for i in range(20)])
-    catalog = build_item_catalog(events, None)
+    catalog = build_item_catalog(events, None, [])
     assert {r.split for r in build_sessions(events, catalog, percent).collect()} == expected
 
 
