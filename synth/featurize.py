@@ -132,44 +132,101 @@ def user_context(profiles: DataFrame, catalog: DataFrame) -> DataFrame:
         F.coalesce("user_category_idx", F.lit(0)).cast("int").alias("user_category_idx")))
 
 
+_TOKEN_SCHEMA = ("session_id string, window_start int, length int, event_type array<int>, item_idx array<int>, "
+                 "category_idx array<int>, gap_bucket array<int>, user_context array<float>, "
+                 "user_category_idx int, split string")
+
+
 def build_session_tokens(sessions: DataFrame, catalog: DataFrame, contexts: DataFrame, window: int,
                          edges: list[float]) -> DataFrame:
     """Windows of window + 2 tokens: [BOS] + events + [EOS], cut with half-window overlap, padded."""
-    length = window + 2
-    category_idx = catalog.where(F.col("category").isNotNull()).select("category", "category_idx").distinct()
-    token_map = F.create_map(*[F.lit(x) for pair in EVENT_TOKENS.items() for x in pair])
-    events = sessions.join(contexts, "user_id").select(
-        "session_id", "split", "user_context", "user_category_idx",
-        F.transform("event_types", lambda t: token_map[t]).alias("event_type"),
-        "item_idx",
-        F.transform("gap_seconds", lambda g: gap_bucket(g, edges)).alias("gap_bucket"),
+    # The category vocabulary is small (categories, not items): it travels to the tasks with the function.
+    vocabulary = {r.category: r.category_idx for r in catalog.where(F.col("category").isNotNull())
+                  .select("category", "category_idx").distinct().collect()}
+    rows = sessions.join(contexts, "user_id").select(
+        "session_id", "split", "user_context", "user_category_idx", "event_types", "item_idx", "gap_seconds",
         "categories")
-    # Category ids come from the catalogue vocabulary: explode-free lookup through a broadcast map.
-    vocab = category_idx.agg(F.map_from_entries(F.collect_list(F.struct("category", "category_idx"))).alias("v"))
-    events = events.crossJoin(F.broadcast(vocab)).withColumn(
-        "category_idx", F.transform("categories", lambda c: F.coalesce(F.col("v")[c], F.lit(0)))).drop("v", "categories")
+    return rows.mapInArrow(_token_windows(window + 2, max(1, window // 2), edges, vocabulary), _TOKEN_SCHEMA)
 
-    def framed(column: str, bos: int, eos: int) -> Column:
-        return F.concat(F.array(F.lit(bos)), F.col(column).cast("array<int>"), F.array(F.lit(eos)))
 
-    tokens = events.select(
-        "session_id", "split", "user_context", "user_category_idx", framed("event_type", BOS, EOS).alias("event_type"),
-        framed("item_idx", PAD, PAD).alias("item_idx"), framed("category_idx", PAD, PAD).alias("category_idx"),
-        framed("gap_bucket", PAD, PAD).alias("gap_bucket"))
-    total = F.size("event_type")
-    last_start = F.greatest(total - length, F.lit(0))
-    starts = F.array_union(F.sequence(F.lit(0), last_start, F.lit(max(1, window // 2))), F.array(last_start))
-    windows = tokens.withColumn("window_start", F.explode(starts))
+def _token_windows(length: int, step: int, edges: list[float], vocabulary: dict[str, int]):
+    """The executor side of build_session_tokens: numpy over whole Arrow batches, no per-event Python."""
 
-    def cut(column: str) -> Column:
-        piece = F.slice(F.col(column), F.col("window_start") + 1, length)
-        return F.concat(piece, F.array_repeat(F.lit(PAD), length - F.size(piece))).alias(column)
+    def windows(batches):
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
 
-    return windows.select(
-        "session_id", F.col("window_start").cast("int"),
-        F.least(total - F.col("window_start"), F.lit(length)).cast("int").alias("length"),
-        cut("event_type"), cut("item_idx"), cut("category_idx"), cut("gap_bucket"), "user_context",
-        "user_category_idx", "split")
+        event_names = pa.array(list(EVENT_TOKENS))
+        event_ids = np.array(list(EVENT_TOKENS.values()), dtype=np.int32)
+        categories = pa.array(list(vocabulary), pa.string())
+        category_ids = np.array(list(vocabulary.values()), dtype=np.int32)
+        bounds = np.asarray(edges, dtype=np.float64)
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            events = pc.list_value_length(batch.column("event_types")).to_numpy(zero_copy_only=False)
+            total = events.astype(np.int64) + 2
+            stream_start = np.concatenate([[0], np.cumsum(total)[:-1]])
+            inner = np.ones(total.sum(), dtype=bool)  # positions holding an event, not BOS/EOS
+            inner[stream_start] = False
+            inner[stream_start + total - 1] = False
+
+            def stream(values: np.ndarray, bos: int, eos: int) -> np.ndarray:
+                out = np.full(total.sum(), eos, dtype=np.int32)
+                out[stream_start] = bos
+                out[inner] = values
+                return out
+
+            def flat(column: str) -> pa.Array:
+                return pc.list_flatten(batch.column(column))
+
+            types = pc.index_in(flat("event_types"), value_set=event_names)
+            type_tokens = np.where(types.is_null().to_numpy(zero_copy_only=False), PAD,
+                                   event_ids[types.fill_null(0).to_numpy(zero_copy_only=False)])
+            gaps = flat("gap_seconds")
+            # Bucket = how many edges lie strictly below the gap (a missing gap is bucket 0).
+            buckets = np.where(gaps.is_null().to_numpy(zero_copy_only=False), 0,
+                               np.searchsorted(bounds, gaps.fill_null(0.0).to_numpy(zero_copy_only=False), "left"))
+            found = pc.index_in(flat("categories"), value_set=categories)
+            category_tokens = np.where(found.is_null().to_numpy(zero_copy_only=False), 0,
+                                       category_ids[found.fill_null(0).to_numpy(zero_copy_only=False)]
+                                       if len(category_ids) else 0)
+            streams = {
+                "event_type": stream(type_tokens, BOS, EOS),
+                "item_idx": stream(flat("item_idx").fill_null(0).to_numpy(zero_copy_only=False), PAD, PAD),
+                "category_idx": stream(category_tokens, PAD, PAD),
+                "gap_bucket": stream(buckets, PAD, PAD),
+            }
+            # Window starts per session: 0, step, 2 step, ... up to the last start, and the last start
+            # itself, so that the session's end is always covered.
+            last = np.maximum(total - length, 0)
+            regular = last // step + 1
+            count = regular + (last % step != 0)
+            session = np.repeat(np.arange(len(total)), count)
+            rank = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+            start = np.minimum(rank * step, last[session])
+            positions = start[:, None] + np.arange(length)[None, :]
+            inside = positions < total[session][:, None]
+            gather = np.where(inside, stream_start[session][:, None] + positions, 0)
+            offsets = pa.array(np.arange(len(session) + 1, dtype=np.int32) * length)
+
+            def windowed(values: np.ndarray) -> pa.Array:
+                cut = np.where(inside, values[gather], PAD).astype(np.int32).ravel()
+                return pa.ListArray.from_arrays(offsets, pa.array(cut))
+
+            take = pa.array(session)
+            contexts = batch.column("user_context").take(take).cast(pa.list_(pa.float32()))
+            yield pa.RecordBatch.from_arrays(
+                [batch.column("session_id").take(take), pa.array(start.astype(np.int32)),
+                 pa.array(np.minimum(total[session] - start, length).astype(np.int32)),
+                 *[windowed(streams[c]) for c in ("event_type", "item_idx", "category_idx", "gap_bucket")],
+                 contexts, batch.column("user_category_idx").take(take).cast(pa.int32()),
+                 batch.column("split").take(take)],
+                names=["session_id", "window_start", "length", "event_type", "item_idx", "category_idx",
+                       "gap_bucket", "user_context", "user_category_idx", "split"])
+
+    return windows
 
 
 def _options(cfg) -> str:
