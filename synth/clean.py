@@ -122,9 +122,9 @@ def _deduplicated_sessions(rows: DataFrame, cfg, key: bytes) -> DataFrame:
         *[F.col(c).asc_nulls_first() for c in ("event_time", "event_type", "item_id", "price", "brand",
                                                 "category", "category_path", "source_file")])
     so_far = by_source_session.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    duplicate = F.lit(True)
-    for c in ("event_time", "event_type", "item_id", "price", "brand", "category", "category_path"):
-        duplicate = duplicate & F.col(c).eqNullSafe(F.lag(c).over(by_source_session))
+    # One lag of all the compared fields (struct equality treats null fields as equal).
+    fields = F.struct("event_time", "event_type", "item_id", "price", "brand", "category", "category_path")
+    duplicate = F.coalesce(fields == F.lag(fields).over(by_source_session), F.lit(False))
     # A duplicate's gap is 0, so it never starts a segment.
     gap = F.col("event_time").cast("long") - F.lag(F.col("event_time").cast("long")).over(by_source_session)
     starts = F.col("session_id").isNull() & (gap > cfg.clean.session_gap_minutes * 60)
@@ -143,9 +143,18 @@ def _deduplicated_sessions(rows: DataFrame, cfg, key: bytes) -> DataFrame:
         *[c for c in rows.columns if c not in ("user_id", "session_id") and not c.startswith("_")],
         F.concat(F.lit("u_"), F.substring(pseudonym, 1, 32)).alias("user_id"),
         F.concat(F.lit("s_"), F.substring(hmac_sha256(key, session_key), 1, 32)).alias("session_id"))
-    # Over the pseudonymized ids: an unkeyed hash of the raw user id could be inverted by trying ids.
-    canonical = F.concat_ws("\x1f", *[F.coalesce(F.col(c).cast("string"), F.lit("")) for c in _CANONICAL])
-    return rows.withColumn("event_id", F.substring(F.sha2(canonical, 256), 1, 32))
+    return rows.withColumn("event_id", event_id(*_CANONICAL))
+
+
+def event_id(*columns: str) -> Column:
+    """128 bits as 32 hex digits: two xxhash64 of the typed fields, told apart by their first input.
+
+    Not SHA-256 over the fields as text: formatting the timestamp and price as strings cost more than
+    the hash (about 2 us per event). Clean hashes the pseudonymized ids, never the raw user id, which
+    an unkeyed hash would let anyone recover by trying ids.
+    """
+    halves = [F.lpad(F.lower(F.hex(F.xxhash64(F.lit(f"event_id/{i}"), *columns))), 16, "0") for i in (1, 2)]
+    return F.concat(*halves)
 
 
 @dataclass
