@@ -144,14 +144,20 @@ _TOKEN_SCHEMA = ("session_id string, window_start int, length int, event_type ar
 
 
 def build_session_tokens(sessions: DataFrame, catalog: DataFrame, contexts: DataFrame, window: int,
-                         edges: list[float]) -> DataFrame:
-    """Windows of window + 2 tokens: [BOS] + events + [EOS], cut with half-window overlap, padded."""
+                         edges: list[float], files: int = 1) -> DataFrame:
+    """Windows of window + 2 tokens: [BOS] + events + [EOS], cut with half-window overlap, padded.
+
+    In `files` partitions, each ordered by session and window start: training reads them in file
+    order, and several files let Petastorm shard them across training processes.
+    """
     # The category vocabulary is small (categories, not items): it travels to the tasks with the function.
     vocabulary = {r.category: r.category_idx for r in catalog.where(F.col("category").isNotNull())
                   .select("category", "category_idx").distinct().collect()}
-    rows = sessions.join(contexts, "user_id").select(
+    # Sessions are shuffled and sorted, not their windows: a window is padded to window + 2 tokens in
+    # four columns, many times the size of a session. The windows come out in their session's order.
+    rows = (sessions.join(contexts, "user_id").select(
         "session_id", "split", "user_context", "user_category_idx", "event_types", "item_idx", "gap_seconds",
-        "categories")
+        "categories").repartition(files, "session_id").sortWithinPartitions("session_id"))
     return rows.mapInArrow(_token_windows(window + 2, max(1, window // 2), edges, vocabulary), _TOKEN_SCHEMA)
 
 
@@ -289,11 +295,8 @@ def run(ctx) -> dict[str, int]:
     sessions = ctx.lake.read("sessions").df
     profiles_commit = ctx.write(build_user_profiles(events), "user_profiles")
     profiles = ctx.lake.read("user_profiles", profiles_commit.version).df
-    # Several files per split so Petastorm can shard them across training processes, each sorted: rows
-    # arrive from a shuffle in no fixed order, and training reads them in file order.
     tokens = build_session_tokens(sessions, catalog, user_context(profiles, catalog), cfg.window,
-                                  cfg.gap_bucket_edges)
-    tokens_commit = ctx.write(tokens.repartition(max(4, ctx.cfg.train.num_processes), "session_id")
-                              .sortWithinPartitions("session_id", "window_start"), "session_tokens")
+                                  cfg.gap_bucket_edges, files=max(4, ctx.cfg.train.num_processes))
+    tokens_commit = ctx.write(tokens, "session_tokens")
     return {"items": catalog_commit.rows, "sessions": sessions.count(), "sessions_written": sessions_written,
             "users": profiles_commit.rows, "token_windows": tokens_commit.rows}
