@@ -90,3 +90,13 @@ def test_user_profiles_count_activity_and_category_affinity(spark):
     assert profile.monetary == 2.0 and profile.recency_days == 0.0
     assert profile.top_category == "c1"
     assert profile.category_affinity == {"c1": 0.75, "c2": 0.25}
+
+
+def test_catalog_takes_the_most_frequent_values_and_works_without_prices(spark):
+    events = _events(spark, [(0, "view", "s1", "a", "c1", None), (1, "view", "s1", "a", "c2", None),
+                             (2, "view", "s2", "a", "c2", None), (3, "view", "s2", "b", "c1", None),
+                             (4, "view", "s2", "b", "c0", None)])
+    items = {r.item_id: r for r in build_item_catalog(events, None, []).collect()}
+    assert items["a"].category == "c2" and items["b"].category == "c0"  # ties go to the lowest value
+    assert all(r.price is None and r.price_mean is None and r.price_min is None for r in items.values())
+    assert (items["a"].popularity, items["b"].popularity) == (3, 2)
