@@ -310,8 +310,10 @@ def run(ctx) -> dict[str, int]:
     try:
         typed = checked.select(
             "source_file", "raw_line", "reason", "detail",
-            # Null for impossible times: their odd dates would tie unrelated files together in raw_files.
-            F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time")).alias("event_date"),
+            # Null for impossible times (the only rows with a time whose first broken rule is the time):
+            # their odd dates would tie unrelated files together in raw_files.
+            F.when(F.coalesce(F.col("reason") != "impossible_timestamp", F.lit(True)),
+                   F.to_date("event_time")).alias("event_date"),
             "event_time", "event_type", "user_id", "session_id",
             F.when(F.col("needs_item"), F.col("item_id")).alias("item_id"), "category", "category_path",
             F.lower(F.col("brand")).alias("brand"),

@@ -150,3 +150,10 @@ def test_duplicates_are_dropped_and_long_sessions_capped_in_one_pass(spark, make
         sessions.setdefault(r.session_id, []).append(r.item_id)
     assert sorted(sessions.values()) == [["a", "b"], ["c", "d"], ["e"], ["f"]]
     assert len({r.event_id for r in events}) == 6 and len({r.user_id for r in events}) == 1
+
+
+def test_raw_files_dates_leave_out_impossible_times(cleaned, lake):
+    # part-0.csv holds a row dated 1999-01-01 (quarantined as impossible_timestamp): its date must not
+    # tie this file to 1999 in the ledger that decides what nightly runs re-read.
+    files = {r.path.rsplit("/", 1)[-1]: r for r in lake.read("raw_files").df.collect()}
+    assert [str(d) for d in files["part-0.csv"].event_dates] == ["2026-11-01"]
