@@ -55,6 +55,12 @@ class Contract:
 
         return Schema.from_json(json.dumps(self.schema_json()))
 
+    def arrow_schema(self):
+        """The Arrow schema Spark's Parquet writer would give these columns (timestamps in UTC micros)."""
+        import pyarrow as pa
+
+        return pa.schema([pa.field(c.name, _arrow_type(c.type), c.nullable) for c in self.columns])
+
 
 def _type_json(type_name: str):
     type_name = type_name.replace(" ", "")
@@ -68,6 +74,21 @@ def _type_json(type_name: str):
     if type_name not in {"string", "long", "integer", "double", "float", "boolean", "date", "timestamp"}:
         raise ValueError(f"unsupported contract type {type_name!r}")
     return type_name
+
+
+def _arrow_type(type_name: str):
+    import pyarrow as pa
+
+    type_name = type_name.replace(" ", "")
+    match = re.fullmatch(r"array<(.+)>", type_name)
+    if match:
+        return pa.list_(_arrow_type(match.group(1)))
+    match = re.fullmatch(r"map<([a-z]+),(.+)>", type_name)
+    if match:
+        return pa.map_(_arrow_type(match.group(1)), _arrow_type(match.group(2)))
+    return {"string": pa.string(), "long": pa.int64(), "integer": pa.int32(), "double": pa.float64(),
+            "float": pa.float32(), "boolean": pa.bool_(), "date": pa.date32(),
+            "timestamp": pa.timestamp("us", tz="UTC")}[type_name]
 
 
 @lru_cache(maxsize=None)

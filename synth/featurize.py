@@ -1,79 +1,101 @@
 """The featurize stage: `events` -> `item_catalog`, `sessions`, `user_profiles` and `session_tokens`.
 
 `item_catalog` is also the vocabulary: an item or category keeps its integer id from one nightly
-run to the next, and newcomers are appended after the largest id, so checkpoints trained on an
-older vocabulary still point at the same items. `session_tokens` is the encoding the session model
-trains on: fixed-length windows of BOS, event tokens, EOS and padding.
+run to the next, and newcomers are appended after the largest id (items in the order of a hash of
+their id, categories in key order), so checkpoints trained on an older vocabulary still point at the
+same items. `session_tokens` is the encoding the session model trains on: fixed-length windows of
+BOS, event tokens, EOS and padding.
 
-`sessions` is rebuilt only for the event dates clean rebuilt since the last featurize run (sessions
-never cross UTC midnight); the catalogue, profiles and token windows aggregate over all dates and are
-recomputed each run.
+The stage computes in Arrow (synth._arrow), in two passes over the pinned `events` files:
+1. Items. Each task counts its files' events per item, category, brand and price; the counts and the
+   previous catalogue meet in the item's bucket, which finishes the item's statistics and keeps its
+   id or ranks it among the new items. Buckets are ranges of the item-id hash, so the new items of
+   all buckets, taken in bucket order, are in hash order: their ids do not depend on the bucket count.
+2. Users. Events visit their item's bucket to pick up item_idx, then move to their user's bucket,
+   which builds the user's sessions, profile and token windows and writes them as Parquet.
+
+`sessions` is rewritten only for the event dates clean rebuilt since the last featurize run
+(sessions never cross UTC midnight); the catalogue, profiles and token windows are rewritten whole.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from dataclasses import dataclass
 
-from pyspark.sql import Column, DataFrame, Window
+import pyarrow as pa
+from pyspark import StorageLevel
+from pyspark.sql import Column
 from pyspark.sql import functions as F
+
+from synth import _arrow
 
 PAD, BOS, EOS = 0, 1, 2
 EVENT_TOKENS = {"view": 3, "cart": 4, "purchase": 5, "search": 6}
 TOKEN_EVENTS = {token: name for name, token in EVENT_TOKENS.items()}
+# Changes whenever the same events and options would give other features (ids, splits), so that the
+# next run rebuilds every date instead of mixing old and new sessions.
+_FEATURES_VERSION = 2
 
 log = logging.getLogger(__name__)
 
-
-def _append_ids(current: DataFrame, known: DataFrame, key: str, id_column: str,
-                persisted: list[DataFrame]) -> DataFrame:
-    """Give every `key` of `current` an id: its known id, or the next free ones in key order."""
-    start = known.agg(F.coalesce(F.max(id_column), F.lit(0))).first()[0]
-    new = current.select(key).distinct().join(known, key, "left_anti")
-    # No row_number over a global window (one partition sorting every key, a first run's whole
-    # catalogue): range-partition and sort, then an id is the count of keys in the partitions before
-    # plus the position within its own. Cached so both passes read the same partitions (a recomputed
-    # partition sorts the same keys the same way).
-    ranked = (new.repartitionByRange(key).sortWithinPartitions(key)
-              .select(key, F.spark_partition_id().alias("_part"), F.monotonically_increasing_id().alias("_row"))
-              .persist())
-    persisted.append(ranked)
-    offsets, before = [], start
-    for part in ranked.groupBy("_part").agg(F.count("*").alias("n"), F.min("_row").alias("first")).orderBy("_part").collect():
-        offsets.append((part["_part"], before - part["first"] + 1))
-        before += part["n"]
-    offset = ranked.sparkSession.createDataFrame(offsets or [(0, 0)], "_part int, _offset long")
-    return known.unionByName(ranked.join(F.broadcast(offset), "_part").select(
-        key, (F.col("_row") + F.col("_offset")).cast("int").alias(id_column)))
+_ITEM_STATISTICS = pa.schema([("item_id", pa.string()), ("category", pa.string()), ("brand", pa.string()),
+                              ("price", pa.float64()), ("price_min", pa.float64()), ("price_max", pa.float64()),
+                              ("price_mean", pa.float64()), ("popularity", pa.int64())])
+# Events per item and distinct (category, brand, price): what the item pass's map tasks count.
+_COUNTS = pa.schema([("n", pa.int64()), ("item_id", pa.string()), ("category", pa.string()), ("brand", pa.string()),
+                     ("price", pa.float64())])
+_CATALOG_COLUMNS = ["item_idx", "item_id", "category", "category_idx", "brand", "price", "price_min",
+                    "price_max", "price_mean", "popularity"]
+_EVENT_COLUMNS = ["event_id", "event_time", "event_type", "user_id", "session_id", "item_id", "category", "price",
+                  "event_date"]
 
 
-_ITEM_STATISTICS = ("item_id string, category string, brand string, price double, price_min double, "
-                    "price_max double, price_mean double, popularity long")
+# --------------------------------------------------------------------------------------------------
+# Items
 
 
-def _item_statistics(events: DataFrame) -> DataFrame:
-    """Per item: the most frequent category and brand (ties: the lowest), the median price (the lowest
-    price with at least half of the item's priced events at or below it), price min, max and mean, and
-    popularity (events).
-
-    Spark counts the events per item, category, brand and price; Arrow finishes each item from those
-    few rows. Spark's own mode and percentile aggregates keep objects per item and value, and with few
-    events per item they cost several times the scan of the events.
-    """
-    counted = (events.where(F.col("item_id").isNotNull()).groupBy("item_id", "category", "brand", "price")
-               .agg(F.count("*").alias("n")).repartition("item_id"))
-    return counted.mapInArrow(_finish_items, _ITEM_STATISTICS)
+def _item_buckets(table, n: int):
+    return _arrow.range_bucket(_arrow.hash64(table.column("item_id")), n)
 
 
-def _finish_items(batches):
+def _item_records(n: int):
+    """Map side of the item pass: per task, its events counted per item, category, brand and price
+    (and their latest time), or its share of the previous catalogue."""
+
+    def produce(task):
+        import pyarrow.compute as pc
+
+        kind, uris = task
+        if kind == "previous":
+            table = _arrow.read_parquet(uris, _CATALOG_COLUMNS)
+            yield from _arrow.by_bucket(table, _item_buckets(table, n), n, "previous")
+            return
+        events = _arrow.read_parquet(uris, ["item_id", "category", "brand", "price", "event_time"])
+        latest = pc.max(events.column("event_time")).as_py()
+        if latest is not None:
+            yield 0, ("latest", latest)
+        keys = ["item_id", "category", "brand", "price"]
+        counted = events.filter(pc.is_valid(events.column("item_id"))).group_by(keys).aggregate(
+            [("event_time", "count")])
+        counts = pa.table({"n": counted.column("event_time_count"), **{k: counted.column(k) for k in keys}})
+        yield from _arrow.by_bucket(counts, _item_buckets(counts, n), n, "counts")
+
+    return produce
+
+
+def item_statistics(table):
+    """Per item of `table` (item_id, category, brand, price, n: events counted per distinct value
+    combination): the most frequent category and brand (ties: the lowest), the median price (the
+    lowest price with at least half of the item's priced events at or below it), price min, max and
+    mean, and popularity (events)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    batches = [b for b in batches if b.num_rows]
-    if not batches:
-        return
-    table = pa.Table.from_batches(batches)
+    if table.num_rows == 0:
+        return pa.Table.from_pylist([], _ITEM_STATISTICS)
     totals = table.group_by("item_id").aggregate([("n", "sum"), ("price", "min"), ("price", "max")])
     priced = table.filter(pc.is_valid(table.column("price")))
     priced = priced.append_column("amount", pc.multiply(priced.column("price"), pc.cast(priced.column("n"), pa.float64())))
@@ -116,122 +138,263 @@ def _finish_items(batches):
               .join(most_frequent("brand"), "item_id", join_type="left outer")
               .join(median, "item_id", join_type="left outer")
               .join(means, "item_id", join_type="left outer"))
-    result = pa.table({
+    return pa.table({
         "item_id": result.column("item_id"), "category": result.column("category"),
         "brand": result.column("brand"), "price": result.column("price"),
         "price_min": result.column("price_min"), "price_max": result.column("price_max"),
         "price_mean": result.column("price_mean"), "popularity": result.column("n_sum"),
-    })
-    yield from result.to_batches()
+    }).cast(_ITEM_STATISTICS)
 
 
-def build_item_catalog(events: DataFrame, previous: DataFrame | None, persisted: list[DataFrame]) -> DataFrame:
-    """The catalogue with stable ids. The frames it persists (item-level, never events) are appended to
-    `persisted`, for the caller to unpersist once the catalogue is written."""
-    items = _item_statistics(events)
+
+def catalog_bucket(stats, previous):
+    """A bucket's catalogue rows before new ids are known: today's item statistics with the ids the
+    items had in `previous` (the last catalogue's rows of the same items), plus the previous items gone
+    from today's events (kept with popularity 0). A new item has a null item_idx and, in `new_rank`,
+    its rank among the bucket's new items by (hash of the id, id)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    columns = [*_ITEM_STATISTICS.names, "item_idx"]
+    current = stats.join(previous.select(["item_id", "item_idx"]), "item_id", join_type="left outer")
+    retired = previous.filter(pc.invert(pc.is_in(previous.column("item_id"), value_set=stats.column("item_id"))))
+    retired = retired.set_column(retired.schema.get_field_index("popularity"), "popularity",
+                                 pa.array(np.zeros(retired.num_rows, np.int64)))
+    rows = pa.concat_tables([current.select(columns), retired.select(columns).cast(current.select(columns).schema)])
+    new = np.flatnonzero(rows.column("item_idx").is_null().to_numpy(zero_copy_only=False))
+    ids = rows.column("item_id").take(pa.array(new))
+    order = pc.sort_indices(pa.table({"hash": _arrow.hash64(ids), "id": ids}),
+                            sort_keys=[("hash", "ascending"), ("id", "ascending")]).to_numpy()
+    rank = np.full(rows.num_rows, -1, np.int64)
+    rank[new[order]] = np.arange(len(new))
+    return rows.append_column("new_rank", pa.array(rank, mask=rank < 0))
+
+
+def _catalog_buckets(bucket: int, partition):
+    """Reduce side of the item pass: (bucket, summary, rows before new ids as an IPC blob)."""
+    import pyarrow.compute as pc
+
+    payloads = _arrow.payloads_of(partition)
+    counts = _arrow.from_ipc(payloads.get("counts", []))
+    previous = _arrow.from_ipc(payloads.get("previous", []))
     if previous is None:
-        previous = events.sparkSession.createDataFrame(
-            [], "item_idx int, item_id string, category string, category_idx int, brand string, "
-                "price double, price_min double, price_max double, price_mean double, popularity long")
-    # Items gone from today's events stay in the vocabulary, with no popularity today.
-    retired = previous.join(items.select("item_id"), "item_id", "left_anti").withColumn("popularity", F.lit(0).cast("long"))
-    # Persisted: the id assignment reads the items four times (ranges, ranks, offsets, the final join),
-    # and each read would aggregate the events again.
-    items = items.unionByName(retired.select(*items.columns)).persist()
-    persisted.append(items)
-    item_ids = _append_ids(items, previous.select("item_id", "item_idx"), "item_id", "item_idx", persisted)
-    category_ids = _append_ids(items.where(F.col("category").isNotNull()),
-                               previous.where(F.col("category").isNotNull()).select("category", "category_idx").distinct(),
-                               "category", "category_idx", persisted)
-    return (items.join(item_ids, "item_id").join(category_ids, "category", "left")
-            .withColumn("category_idx", F.coalesce("category_idx", F.lit(0)).cast("int")))
+        previous = pa.Table.from_pylist([], _catalog_schema())
+    stats = item_statistics(counts if counts is not None else pa.Table.from_pylist([], _COUNTS))
+    rows = catalog_bucket(stats, previous.cast(_catalog_schema()))
+    known = previous.filter(pc.is_valid(previous.column("category"))).group_by("category").aggregate(
+        [("category_idx", "max")])
+    summary = {
+        "new": rows.num_rows - rows.column("new_rank").null_count,
+        "max_idx": pc.max(previous.column("item_idx")).as_py() or 0,
+        "categories": set(pc.unique(rows.column("category").drop_null()).to_pylist()),
+        "known_categories": dict(zip(known.column("category").to_pylist(), known.column("category_idx_max").to_pylist())),
+        "latest": max(payloads.get("latest", []), default=None),
+    }
+    yield bucket, summary, _arrow.to_ipc(rows)
 
 
-def build_sessions(events: DataFrame, catalog: DataFrame, holdout_percent: int) -> DataFrame:
-    steps = events.join(catalog.select("item_id", "item_idx"), "item_id", "left")
-    ordered = steps.groupBy("session_id", "user_id", "event_date").agg(F.sort_array(F.collect_list(F.struct(
-        F.col("event_time").cast("double").alias("t"), "event_time", "event_id", "event_type", "item_id",
-        F.coalesce("item_idx", F.lit(0)).alias("item_idx"), "category", "price"))).alias("e"))
-    # Gaps from the sorted array, not a window: that would sort every event once more.
-    gaps = F.transform("e", lambda x, i: F.when(i == 0, F.lit(0.0)).otherwise(x["t"] - F.col("e")[i - 1]["t"]))
-    holdout = F.pmod(F.xxhash64("session_id"), F.lit(100)) < holdout_percent
-    return ordered.withColumn("gap", gaps).select(
-        "session_id", "user_id", F.col("e")[0]["event_time"].alias("start_time"),
-        F.size("e").alias("n_events"), F.col("e.event_type").alias("event_types"),
-        F.col("e.item_id").alias("item_ids"), F.col("e.item_idx").alias("item_idx"),
-        F.col("e.category").alias("categories"), F.col("e.price").alias("prices"),
-        F.col("gap").alias("gap_seconds"),
-        F.when(holdout, "holdout").otherwise("train").alias("split"), "event_date")
+def _catalog_schema():
+    from schemas import contract
+
+    return contract("item_catalog").arrow_schema()
 
 
-def build_user_profiles(events: DataFrame) -> DataFrame:
-    def count_of(event_type: str) -> Column:
-        return F.count(F.when(F.col("event_type") == event_type, 1))
+def _lookup(values, ids: dict[str, int]):
+    """The id of each value in `ids`, 0 for nulls and values without one."""
+    import numpy as np
+    import pyarrow.compute as pc
 
-    last_event = events.agg(F.max("event_time")).first()[0]
-    ranked = (events.where(F.col("category").isNotNull()).groupBy("user_id", "category").count()
-              .withColumn("rank", F.row_number().over(
-                  Window.partitionBy("user_id").orderBy(F.desc("count"), "category")))
-              .withColumn("share", F.col("count") / F.sum("count").over(Window.partitionBy("user_id"))))
-    categories = ranked.where("rank <= 5").groupBy("user_id").agg(
-        F.min_by("category", "rank").alias("top_category"),
-        F.map_from_entries(F.collect_list(F.struct("category", "share"))).alias("category_affinity"))
-    # Per session first, then per user: cheaper than a distinct count of sessions next to the other
-    # aggregates (Spark expands every event into one row per distinct and non-distinct aggregate).
-    sessions = events.groupBy("user_id", "session_id").agg(
-        F.count("*").alias("n_events"), count_of("view").alias("n_views"), count_of("cart").alias("n_carts"),
-        count_of("purchase").alias("n_purchases"), count_of("search").alias("n_searches"),
-        F.sum(F.when(F.col("event_type") == "purchase", F.col("price"))).alias("monetary"),
-        F.min("event_time").alias("first_seen"), F.max("event_time").alias("last_seen"))
-    return (sessions.groupBy("user_id").agg(
-        F.count("*").alias("n_sessions"),
-        *[F.sum(c).alias(c) for c in ("n_events", "n_views", "n_carts", "n_purchases", "n_searches")],
-        F.coalesce(F.sum("monetary"), F.lit(0.0)).alias("monetary"),
-        F.min("first_seen").alias("first_seen"), F.max("last_seen").alias("last_seen"))
-        .withColumn("recency_days",
-                    (F.lit(last_event).cast("double") - F.col("last_seen").cast("double")) / 86400.0)
-        .join(categories, "user_id", "left"))
+    if not ids:
+        return np.zeros(len(values), np.int32)
+    found = pc.index_in(values, value_set=pa.array(list(ids), pa.string()))
+    known = np.array(list(ids.values()), np.int32)
+    return np.where(found.is_null().to_numpy(zero_copy_only=False), 0,
+                    known[found.fill_null(0).to_numpy(zero_copy_only=False)]).astype(np.int32)
 
 
-def gap_bucket(gap: Column, edges: list[float]) -> Column:
-    """Index of the bucket of a time gap: 0 for gaps <= edges[0], len(edges) beyond the last edge."""
-    return F.size(F.filter(F.array(*[F.lit(float(e)) for e in edges]), lambda edge: edge < gap))
+@dataclass
+class Vocabulary:
+    """What the driver learns from the item pass's summaries: where each bucket's new item ids start,
+    the category ids, and the latest event time."""
+
+    first_new_id: dict[int, int]
+    category_ids: dict[str, int]  # the categories of the new catalogue's items
+    latest: object  # datetime of the latest event, None without events
+
+    @classmethod
+    def of(cls, summaries: list[tuple[int, dict]]) -> "Vocabulary":
+        summaries = sorted(summaries, key=lambda s: s[0])
+        next_id = max((s["max_idx"] for _, s in summaries), default=0) + 1
+        first_new_id = {}
+        for bucket, s in summaries:
+            first_new_id[bucket] = next_id
+            next_id += s["new"]
+        known: dict[str, int] = {}
+        on_items: set[str] = set()
+        for _, s in summaries:
+            known.update(s["known_categories"])
+            on_items |= s["categories"]
+        start = max(known.values(), default=0)
+        ids = {**known, **{c: start + 1 + i for i, c in enumerate(sorted(on_items - known.keys()))}}
+        latest = max((s["latest"] for _, s in summaries if s["latest"] is not None), default=None)
+        return cls(first_new_id, {c: ids[c] for c in on_items}, latest)
+
+    def catalog(self, record):
+        """A bucket's final catalogue rows (from the item pass's record)."""
+        import pyarrow.compute as pc
+
+        bucket, _, payload = record
+        rows = _arrow.from_ipc([payload])
+        new_ids = pc.add(rows.column("new_rank"), self.first_new_id.get(bucket, 0))
+        item_idx = pc.coalesce(rows.column("item_idx"), pc.cast(new_ids, pa.int32()))
+        rows = rows.set_column(rows.schema.get_field_index("item_idx"), "item_idx", item_idx)
+        return rows.append_column("category_idx", pa.array(_lookup(rows.column("category"), self.category_ids))
+                                  ).select(_CATALOG_COLUMNS)
+
+
+def item_pass(sc, event_files: list[str], previous_files: list[str], buckets: int):
+    """The item pass: a persisted RDD of (bucket, summary, rows) and the Vocabulary from its summaries.
+    The caller unpersists the RDD."""
+    tasks = ([("events", group) for group in _arrow.file_groups(event_files, buckets)]
+             + [("previous", group) for group in _arrow.file_groups(previous_files, buckets)])
+    items = (_arrow.shuffled(_arrow.records(sc, tasks, _item_records(buckets)), buckets)
+             .mapPartitionsWithIndex(_catalog_buckets).persist(StorageLevel.MEMORY_AND_DISK))
+    return items, Vocabulary.of(items.map(lambda record: record[:2]).collect())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sessions, profiles and token windows
+
+
+def sessions_of(events, holdout_percent: int):
+    """The sessions table's rows for `events` (with item_idx): events ordered by time, then event_id."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    events = events.take(pc.sort_indices(events, sort_keys=[
+        ("session_id", "ascending"), ("event_time", "ascending"), ("event_id", "ascending")]))
+    session = events.column("session_id").combine_chunks()
+    n = len(session)
+    starts = np.ones(n, dtype=bool)
+    if n > 1:
+        starts[1:] = pc.not_equal(session.slice(1), session.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    first = np.flatnonzero(starts)
+    offsets = pa.array(np.append(first, n).astype(np.int32))
+
+    def listed(values):
+        return pa.ListArray.from_arrays(offsets, values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+
+    seconds = events.column("event_time").combine_chunks().cast(pa.int64()).to_numpy() / 1e6
+    gaps = np.diff(seconds, prepend=seconds[:1])
+    gaps[starts] = 0.0
+    ids = session.take(pa.array(first))
+    holdout = (_arrow.hash64(ids) % np.uint64(100)) < np.uint64(holdout_percent)
+    return pa.table({
+        "session_id": ids,
+        "user_id": events.column("user_id").take(pa.array(first)),
+        "start_time": events.column("event_time").take(pa.array(first)),
+        "n_events": pa.array(np.diff(np.append(first, n)).astype(np.int32)),
+        "event_types": listed(events.column("event_type")),
+        "item_ids": listed(events.column("item_id")),
+        "item_idx": listed(pc.fill_null(events.column("item_idx"), 0).cast(pa.int32())),
+        "categories": listed(events.column("category")),
+        "prices": listed(events.column("price")),
+        "gap_seconds": listed(pa.array(gaps)),
+        "split": pa.array(np.where(holdout, "holdout", "train")),
+        "event_date": events.column("event_date").take(pa.array(first)),
+    })
+
+
+def user_profiles(events, latest):
+    """One row per user of `events`, ordered by user: activity counts, monetary value (purchase
+    prices), first and last seen, recency (days before `latest`) and up to five top categories."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    event_type = events.column("event_type")
+    purchase = pc.equal(event_type, "purchase")
+    flags = {column: pc.cast(pc.equal(event_type, name), pa.int64()) for name, column in
+             (("view", "n_views"), ("cart", "n_carts"), ("purchase", "n_purchases"), ("search", "n_searches"))}
+    table = pa.table({"user_id": events.column("user_id"), "session_id": events.column("session_id"),
+                      "event_time": events.column("event_time"),
+                      "spent": pc.if_else(purchase, events.column("price"), pa.scalar(None, pa.float64())), **flags})
+    totals = table.group_by("user_id").aggregate(
+        [("session_id", "count_distinct"), ("event_time", "count"), *[(c, "sum") for c in flags],
+         ("spent", "sum"), ("event_time", "min"), ("event_time", "max")])
+    totals = totals.take(pc.sort_indices(totals, sort_keys=[("user_id", "ascending")]))
+    last_seen = totals.column("event_time_max")
+    recency = ((pa.scalar(latest, last_seen.type).cast(pa.int64()).as_py() / 1e6
+                - last_seen.combine_chunks().cast(pa.int64()).to_numpy() / 1e6) / 86400.0)
+
+    # Top categories: per user, categories by events (descending, ties: the lowest) and their share
+    # of the user's events with a category.
+    known = events.filter(pc.is_valid(events.column("category")))
+    counts = known.group_by(["user_id", "category"]).aggregate([("event_time", "count")])
+    counts = counts.take(pc.sort_indices(counts, sort_keys=[
+        ("user_id", "ascending"), ("event_time_count", "descending"), ("category", "ascending")]))
+    users = counts.column("user_id").combine_chunks()
+    starts = np.ones(len(users), dtype=bool)
+    if len(users) > 1:
+        starts[1:] = pc.not_equal(users.slice(1), users.slice(0, len(users) - 1)).to_numpy(zero_copy_only=False)
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    rank = np.arange(len(users)) - first[group]
+    n = counts.column("event_time_count").to_numpy()
+    share = n / np.add.reduceat(n, first)[group] if len(n) else n.astype(float)
+    top = rank < 5
+    kept_offsets = np.append(0, np.cumsum(np.bincount(group[top], minlength=len(first)))).astype(np.int32)
+    affinity = pa.MapArray.from_arrays(pa.array(kept_offsets), counts.column("category").combine_chunks().filter(pa.array(top)),
+                                       pa.array(share[top]))
+    at = pc.index_in(totals.column("user_id"), value_set=users.take(pa.array(first)))
+    return pa.table({
+        "user_id": totals.column("user_id"),
+        "n_sessions": totals.column("session_id_count_distinct"),
+        "n_events": totals.column("event_time_count"),
+        **{c: totals.column(f"{c}_sum") for c in flags},
+        "monetary": pc.fill_null(totals.column("spent_sum"), 0.0),
+        "first_seen": totals.column("event_time_min"),
+        "last_seen": last_seen,
+        "recency_days": pa.array(recency),
+        "top_category": counts.column("category").combine_chunks().take(pa.array(first)).take(at),
+        "category_affinity": affinity.take(at),
+    })
 
 
 USER_CONTEXT = ("log1p(n_sessions)", "log1p(n_events)", "n_carts / n_events", "n_purchases / n_events",
                 "n_searches / n_events", "log1p(monetary)", "log1p(recency_days)")
 
 
-def user_context(profiles: DataFrame, catalog: DataFrame) -> DataFrame:
-    """Each user's profile as the session model's context vector (USER_CONTEXT) and top category id."""
-    categories = catalog.select(F.col("category").alias("top_category"),
-                                F.col("category_idx").alias("user_category_idx")).distinct()
-    return (profiles.join(F.broadcast(categories), "top_category", "left").select(
-        "user_id", F.array(*[F.expr(e).cast("float") for e in USER_CONTEXT]).alias("user_context"),
-        F.coalesce("user_category_idx", F.lit(0)).cast("int").alias("user_category_idx")))
+def user_contexts(profiles, category_ids: dict[str, int]):
+    """Each profile as the session model's context vector (USER_CONTEXT, float32) and top category id."""
+    import numpy as np
+
+    def column(name: str):
+        return profiles.column(name).to_numpy().astype(np.float64)
+
+    events = column("n_events")
+    vectors = np.stack([np.log1p(column("n_sessions")), np.log1p(events), column("n_carts") / events,
+                        column("n_purchases") / events, column("n_searches") / events,
+                        np.log1p(column("monetary")), np.log1p(column("recency_days"))], axis=1).astype(np.float32)
+    offsets = pa.array(np.arange(0, vectors.size + 1, len(USER_CONTEXT), dtype=np.int32))
+    return pa.table({"user_id": profiles.column("user_id"),
+                     "user_context": pa.ListArray.from_arrays(offsets, pa.array(vectors.ravel())),
+                     "user_category_idx": pa.array(_lookup(profiles.column("top_category"), category_ids))})
 
 
-_TOKEN_SCHEMA = ("session_id string, window_start int, length int, event_type array<int>, item_idx array<int>, "
-                 "category_idx array<int>, gap_bucket array<int>, user_context array<float>, "
-                 "user_category_idx int, split string")
+def session_tokens(sessions, contexts, window: int, edges: list[float], category_ids: dict[str, int]):
+    """Windows of window + 2 tokens: [BOS] + events + [EOS], cut with half-window overlap, padded; in
+    the order of `sessions`, each session's windows by start."""
+    import pyarrow.compute as pc
 
-
-def build_session_tokens(sessions: DataFrame, catalog: DataFrame, contexts: DataFrame, window: int,
-                         edges: list[float], files: int = 1) -> DataFrame:
-    """Windows of window + 2 tokens: [BOS] + events + [EOS], cut with half-window overlap, padded.
-
-    In `files` partitions, each ordered by session and window start: training reads them in file
-    order, and several files let Petastorm shard them across training processes.
-    """
-    # The category vocabulary is small (categories, not items): it travels to the tasks with the function.
-    vocabulary = {r.category: r.category_idx for r in catalog.where(F.col("category").isNotNull())
-                  .select("category", "category_idx").distinct().collect()}
-    # Sessions are shuffled and sorted, not their windows: a window is padded to window + 2 tokens in
-    # four columns, many times the size of a session. The windows come out in their session's order.
-    rows = (sessions.join(contexts, "user_id").select(
-        "session_id", "split", "user_context", "user_category_idx", "event_types", "item_idx", "gap_seconds",
-        "categories").repartition(files, "session_id").sortWithinPartitions("session_id"))
-    return rows.mapInArrow(_token_windows(window + 2, max(1, window // 2), edges, vocabulary), _TOKEN_SCHEMA)
+    at = pc.index_in(sessions.column("user_id"), value_set=contexts.column("user_id"))
+    rows = pa.table({
+        "session_id": sessions.column("session_id"), "split": sessions.column("split"),
+        "user_context": contexts.column("user_context").take(at),
+        "user_category_idx": contexts.column("user_category_idx").take(at),
+        **{c: sessions.column(c) for c in ("event_types", "item_idx", "gap_seconds", "categories")}})
+    cut = _token_windows(window + 2, max(1, window // 2), edges, category_ids)
+    batches = list(cut(rows.to_batches(max_chunksize=16384)))
+    return pa.Table.from_batches(batches) if batches else None
 
 
 def _token_windows(length: int, step: int, edges: list[float], vocabulary: dict[str, int]):
@@ -314,8 +477,75 @@ def _token_windows(length: int, step: int, edges: list[float], vocabulary: dict[
     return windows
 
 
+def gap_bucket(gap: Column, edges: list[float]) -> Column:
+    """Index of the bucket of a time gap: 0 for gaps <= edges[0], len(edges) beyond the last edge."""
+    return F.size(F.filter(F.array(*[F.lit(float(e)) for e in edges]), lambda edge: edge < gap))
+
+
+def _events_by_item(n: int):
+    """Map side of the user pass: events to their item's bucket, to meet the item's id."""
+
+    def produce(uris):
+        events = _arrow.read_parquet(uris, _EVENT_COLUMNS, "event_date")
+        yield from _arrow.by_bucket(events, _item_buckets(events, n), n, "events")
+
+    return produce
+
+
+def _to_user_buckets(n: int):
+    """The events of an item bucket, with item_idx, on to their user's bucket."""
+
+    def run(partition):
+        import numpy as np
+        import pyarrow.compute as pc
+
+        payloads = _arrow.payloads_of(partition)
+        events = _arrow.from_ipc(payloads.get("events", []))
+        if events is None:
+            return
+        catalog = _arrow.from_ipc(payloads.get("catalog", []))
+        if catalog is None:
+            item_idx = pa.nulls(events.num_rows, pa.int32())
+        else:
+            item_idx = catalog.column("item_idx").take(pc.index_in(events.column("item_id"),
+                                                                   value_set=catalog.column("item_id")))
+        events = events.append_column("item_idx", item_idx)
+        buckets = (_arrow.hash64(events.column("user_id")) % np.uint64(n)).astype(np.int64)
+        yield from _arrow.by_bucket(events, buckets, n, "events")
+
+    return run
+
+
+def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int, window: int,
+                   edges: list[float], category_ids: dict[str, int], latest):
+    """Reduce side of the user pass: a user bucket's sessions, profiles and token windows, written."""
+
+    def run(partition):
+        import datetime as dt
+
+        import pyarrow.compute as pc
+
+        events = _arrow.from_ipc(_arrow.payloads_of(partition).get("events", []))
+        if events is None:
+            return
+        sessions = sessions_of(events, holdout_percent)
+        profiles = user_profiles(events, latest)
+        tokens = session_tokens(sessions, user_contexts(profiles, category_ids), window, edges, category_ids)
+        yield "sessions_total", sessions.num_rows
+        if dates is not None:
+            chosen = pa.array([dt.date.fromisoformat(d) for d in dates], pa.date32())
+            sessions = sessions.filter(pc.is_in(sessions.column("event_date"), value_set=chosen))
+        for table, rows in (("sessions", sessions), ("user_profiles", profiles), ("session_tokens", tokens)):
+            if rows is not None and rows.num_rows:
+                for add in writers[table]([rows]):
+                    yield table, add
+
+    return run
+
+
 def _options(cfg) -> str:
-    return hashlib.sha256(json.dumps(cfg.featurize.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    options = {"featurize": cfg.featurize.to_dict(), "version": _FEATURES_VERSION}
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _dates_to_rebuild(ctx) -> list[str] | None:
@@ -345,31 +575,46 @@ def run(ctx) -> dict[str, int]:
     cfg = ctx.cfg.featurize
     ctx.artifacts["options"] = _options(ctx.cfg)
     dates = _dates_to_rebuild(ctx)
-    events = ctx.read("events").df
-    previous = ctx.read("item_catalog").df if ctx.lake.exists("item_catalog") else None
-    persisted: list[DataFrame] = []
-    catalog_commit = ctx.write(build_item_catalog(events, previous, persisted), "item_catalog")
-    for frame in persisted:
-        frame.unpersist()
-    catalog = ctx.lake.read("item_catalog", catalog_commit.version).df
+    events = ctx.read("events")
+    event_files = ctx.lake.files("events", events.version)
+    previous_files = []
+    if ctx.lake.exists("item_catalog"):
+        previous_files = ctx.lake.files("item_catalog", ctx.read("item_catalog").version)
+    buckets = max(4, int(ctx.cfg.train.num_processes), int(ctx.cfg.spark.shuffle_partitions))
+    sc = ctx.spark.sparkContext
+    log.info("featurize: item pass over %d event files and %d catalogue files in %d buckets",
+             len(event_files), len(previous_files), buckets)
+    items, vocabulary = item_pass(sc, event_files, previous_files, buckets)
+    try:
+        writer = ctx.lake.arrow_writer("item_catalog")
+        catalog_commit = ctx.commit_files(
+            writer, items.mapPartitions(lambda records: writer(map(vocabulary.catalog, records))).collect())
 
-    if dates is None:
-        log.info("featurize: building the sessions of every date")
-        sessions_written = ctx.write(build_sessions(events, catalog, cfg.holdout_percent), "sessions").rows
-    elif dates:
-        log.info("featurize: rebuilding the sessions of %d date(s) clean rebuilt: %s", len(dates), ", ".join(dates))
-        changed = events.where(F.col("event_date").isin(dates))
-        sessions_written = ctx.write(build_sessions(changed, catalog, cfg.holdout_percent), "sessions",
-                                     replace={"event_date": dates}).rows
-    else:
-        log.info("featurize: no event dates changed since the last run; sessions stay as they are")
-        sessions_written = 0
-    ctx.artifacts["session_dates"] = "all" if dates is None else ",".join(dates)
-    sessions = ctx.lake.read("sessions").df
-    profiles_commit = ctx.write(build_user_profiles(events), "user_profiles")
-    profiles = ctx.lake.read("user_profiles", profiles_commit.version).df
-    tokens = build_session_tokens(sessions, catalog, user_context(profiles, catalog), cfg.window,
-                                  cfg.gap_bucket_edges, files=max(4, ctx.cfg.train.num_processes))
-    tokens_commit = ctx.write(tokens, "session_tokens")
-    return {"items": catalog_commit.rows, "sessions": sessions.count(), "sessions_written": sessions_written,
-            "users": profiles_commit.rows, "token_windows": tokens_commit.rows}
+        if dates is None:
+            log.info("featurize: building the sessions of every date")
+        elif dates:
+            log.info("featurize: rebuilding the sessions of %d date(s) clean rebuilt: %s", len(dates), ", ".join(dates))
+        else:
+            log.info("featurize: no event dates changed since the last run; sessions stay as they are")
+        ctx.artifacts["session_dates"] = "all" if dates is None else ",".join(dates)
+        catalog = items.map(lambda record: (record[0], ("catalog", _arrow.to_ipc(
+            vocabulary.catalog(record).select(["item_id", "item_idx"])))))
+        by_item = _arrow.records(sc, _arrow.file_groups(event_files, buckets), _events_by_item(buckets))
+        by_user = _arrow.shuffled(_arrow.shuffled(by_item.union(catalog), buckets).mapPartitions(
+            _to_user_buckets(buckets)), buckets)
+        writers = {table: ctx.lake.arrow_writer(table) for table in ("sessions", "user_profiles", "session_tokens")}
+        log.info("featurize: user pass (sessions, profiles, token windows)")
+        results = by_user.mapPartitions(_user_features(
+            writers, dates, cfg.holdout_percent, cfg.window, list(cfg.gap_bucket_edges), vocabulary.category_ids,
+            vocabulary.latest)).collect()
+    finally:
+        items.unpersist()
+    written = {table: [add for name, add in results if name == table] for table in writers}
+    sessions_written = 0
+    if dates is None or dates:
+        sessions_written = ctx.commit_files(writers["sessions"], written["sessions"],
+                                            replace=None if dates is None else {"event_date": dates}).rows
+    profiles_commit = ctx.commit_files(writers["user_profiles"], written["user_profiles"])
+    tokens_commit = ctx.commit_files(writers["session_tokens"], written["session_tokens"])
+    return {"items": catalog_commit.rows, "sessions": sum(n for name, n in results if name == "sessions_total"),
+            "sessions_written": sessions_written, "users": profiles_commit.rows, "token_windows": tokens_commit.rows}

@@ -75,8 +75,7 @@ class Lake:
 
     def _local_path(self, table: str) -> str:
         """What Spark and pyarrow take as the table's location (a plain path for local tables)."""
-        uri = self.uri(table)
-        return unquote(urlparse(uri).path) if uri.startswith("file://") else uri
+        return _local(self.uri(table))
 
     def _delta(self, table: str, version: int | None = None):
         from deltalake import DeltaTable
@@ -135,20 +134,56 @@ class Lake:
         partitions with those values, and {"event_date": ["2026-11-01", ...]} the partitions with
         any of them (every row of `df` must carry them), leaving the rest.
         """
-        spec = contract(table)
-        if replace and set(replace) - set(spec.partition_by):
-            raise ValueError(f"{table}: can only replace by partition columns {spec.partition_by}")
-        replace = {k: sorted(map(str, v)) if isinstance(v, (list, tuple, set)) else [str(v)]
-                   for k, v in (replace or {}).items()}
+        spec, replace = _replacing(table, replace)
         df = _conform(df, spec)
         started = time.time()
         if self.engine == "delta-spark":
             commit = self._write_delta_spark(df, spec, app_id, replace, metadata)
         else:
-            commit = self._write_delta_rs(df, spec, app_id, replace, metadata)
-        log.info("committed %s version %d: %d rows in %d files (%s) in %.1f s", table, commit.version,
-                 commit.rows, commit.files, app_id, time.time() - started)
+            writer = _file_writer(self.uri(spec.table), list(spec.partition_by), uuid.uuid4().hex[:8])
+            # Only the add actions (one small row per file) reach the driver.
+            adds = [r.asDict() for r in df.mapInArrow(writer, _ADD_ACTION_DDL).collect()]
+            commit = self._commit_adds(spec, adds, app_id, replace, metadata)
+        self._log(commit, app_id, started)
         return commit
+
+    def arrow_writer(self, table: str) -> "ArrowWriter":
+        """For stages that compute in Arrow on the executors: a picklable writer an executor calls with
+        its tables of rows for `table`; it writes Parquet files and returns their add actions, which
+        the driver then commits with commit_files. On the delta-spark engine the files are staged
+        outside the table and committed through delta-spark."""
+        spec = contract(table)
+        write_id = uuid.uuid4().hex[:8]
+        target = self.uri(table) if self.engine == "delta-rs" else f"{self.root}/_staging/{table}-{write_id}"
+        return ArrowWriter(table, target, tuple(spec.partition_by), write_id, spec.arrow_schema())
+
+    def commit_files(self, writer: "ArrowWriter", adds: list[dict], *, app_id: str,
+                     replace: dict[str, str | list[str]] | None = None,
+                     metadata: dict[str, str] | None = None) -> Commit:
+        """Commit the files an arrow_writer wrote (their add actions) as `writer.table`, as write does."""
+        spec, replace = _replacing(writer.table, replace)
+        started = time.time()
+        if writer.target == self.uri(spec.table):
+            commit = self._commit_adds(spec, adds, app_id, replace, metadata)
+        else:
+            staged = _local(writer.target)
+            paths = [f"{staged}/{a['path']}" for a in adds]
+            df = (self.spark.read.schema(spec.spark_schema()).option("basePath", staged).parquet(*paths) if paths
+                  else self.spark.createDataFrame([], spec.spark_schema()))
+            try:
+                commit = self._write_delta_spark(_conform(df, spec), spec, app_id, replace, metadata)
+            finally:
+                import pyarrow.fs as pafs
+
+                fs, base = pafs.FileSystem.from_uri(writer.target)
+                fs.delete_dir(base)
+        self._log(commit, app_id, started)
+        return commit
+
+    @staticmethod
+    def _log(commit: Commit, app_id: str, started: float) -> None:
+        log.info("committed %s version %d: %d rows in %d files (%s) in %.1f s", commit.table, commit.version,
+                 commit.rows, commit.files, app_id, time.time() - started)
 
     def _write_delta_spark(self, df, spec: Contract, app_id, replace, metadata) -> Commit:
         writer = (df.write.format("delta").mode("overwrite")
@@ -165,16 +200,13 @@ class Lake:
         return Commit(spec.table, metrics.version, int(operation.get("numOutputRows", 0)),
                       int(operation.get("numFiles", 0)))
 
-    def _write_delta_rs(self, df, spec: Contract, app_id, replace, metadata) -> Commit:
+    def _commit_adds(self, spec: Contract, rows: list[dict], app_id, replace, metadata) -> Commit:
         from deltalake import DeltaTable
         from deltalake.transaction import (AddAction, CommitProperties, Transaction,
                                            create_table_with_add_actions)
 
-        writer = _file_writer(self.uri(spec.table), list(spec.partition_by), uuid.uuid4().hex[:8])
-        # Only the add actions (one small row per file) reach the driver.
-        rows = df.mapInArrow(writer, _ADD_ACTION_DDL).collect()
-        adds = [AddAction(r.path, r.size, json.loads(r.partition_values), r.modification_time, True, r.stats)
-                for r in rows]
+        adds = [AddAction(r["path"], r["size"], json.loads(r["partition_values"]), r["modification_time"], True,
+                          r["stats"]) for r in rows]
         if replace:
             stray = [a.path for a in adds if any(a.partition_values.get(k) not in v for k, v in replace.items())]
             if stray:
@@ -197,6 +229,37 @@ class Lake:
                 commit_properties=props)
         rows_written = sum(json.loads(a.stats)["numRecords"] for a in adds)
         return Commit(spec.table, DeltaTable(path).version(), rows_written, len(adds))
+
+
+@dataclass(frozen=True)
+class ArrowWriter:
+    """Writes an executor's Arrow tables of one table as Parquet files under `target` (see Lake.arrow_writer)."""
+
+    table: str
+    target: str
+    partition_by: tuple[str, ...]
+    write_id: str
+    schema: object  # pyarrow.Schema
+
+    def __call__(self, tables) -> list[dict]:
+        """Write `tables` (pyarrow Tables with the contract's columns, in any order and castable types);
+        return the add actions of the files written."""
+        write = _file_writer(self.target, list(self.partition_by), self.write_id)
+        names = self.schema.names
+        batches = (batch for table in tables for batch in table.select(names).cast(self.schema).to_batches())
+        return [row for actions in write(batches) for row in actions.to_pylist()]
+
+
+def _replacing(table: str, replace) -> tuple[Contract, dict[str, list[str]]]:
+    spec = contract(table)
+    if replace and set(replace) - set(spec.partition_by):
+        raise ValueError(f"{table}: can only replace by partition columns {spec.partition_by}")
+    return spec, {k: sorted(map(str, v)) if isinstance(v, (list, tuple, set)) else [str(v)]
+                  for k, v in (replace or {}).items()}
+
+
+def _local(uri: str) -> str:
+    return unquote(urlparse(uri).path) if uri.startswith("file://") else uri
 
 
 def _app_id_of(commit_info: dict) -> str | None:

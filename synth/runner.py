@@ -19,7 +19,7 @@ from pyspark.sql import DataFrame, SparkSession
 import schemas
 from synth import config
 from synth.config import STAGES, Config
-from synth.lake import Commit, Lake, Snapshot
+from synth.lake import ArrowWriter, Commit, Lake, Snapshot
 
 log = logging.getLogger("synth")
 
@@ -53,6 +53,13 @@ class StageContext:
         commit = self.lake.write(df, table, app_id=self.app_id, replace=replace,
                                  metadata={"synth.run_id": self.run_id, "synth.stage": self.stage})
         self.output_versions[table] = commit.version
+        return commit
+
+    def commit_files(self, writer: ArrowWriter, adds: list[dict], replace: dict[str, str] | None = None) -> Commit:
+        """Commit what an Arrow stage's executors wrote with `writer` (see Lake.arrow_writer)."""
+        commit = self.lake.commit_files(writer, adds, app_id=self.app_id, replace=replace,
+                                        metadata={"synth.run_id": self.run_id, "synth.stage": self.stage})
+        self.output_versions[writer.table] = commit.version
         return commit
 
 

@@ -1,102 +1,148 @@
 import datetime as dt
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
-from synth.featurize import BOS, EOS, PAD, build_item_catalog, build_session_tokens, build_sessions
+from synth.featurize import (BOS, EOS, PAD, item_pass, item_statistics, session_tokens, sessions_of,
+                             user_contexts, user_profiles)
 
-T0 = dt.datetime(2026, 11, 1, 10, 0, 0)
-
-
-def _events(spark, rows):
-    return spark.createDataFrame(
-        [(f"e{i}", T0 + dt.timedelta(seconds=s), t, "u1", sess, item, cat, None, "b", price, "f", T0.date())
-         for i, (s, t, sess, item, cat, price) in enumerate(rows)],
-        "event_id string, event_time timestamp, event_type string, user_id string, session_id string, "
-        "item_id string, category string, category_path string, brand string, price double, "
-        "source_file string, event_date date")
+T0 = dt.datetime(2026, 11, 1, 10, 0, 0, tzinfo=dt.timezone.utc)
 
 
-def test_vocabulary_ids_are_stable_and_new_items_are_appended(spark):
-    day1 = _events(spark, [(0, "view", "s1", "b", "c1", 2.0), (1, "view", "s1", "a", "c2", 1.0)])
-    first = build_item_catalog(day1, None, [])
-    ids1 = {r.item_id: r.item_idx for r in first.collect()}
-    assert ids1 == {"a": 1, "b": 2}
-    day2 = _events(spark, [(0, "view", "s2", "c", "c3", 3.0), (1, "view", "s2", "b", "c1", 2.0),
-                           (2, "view", "s2", "0", "c1", 2.0)])
-    second = {r.item_id: r for r in build_item_catalog(day2, first, []).collect()}
-    assert {k: v.item_idx for k, v in second.items()} == {"a": 1, "b": 2, "0": 3, "c": 4}
-    assert second["a"].popularity == 0 and second["b"].popularity == 1
-    assert second["b"].category_idx == next(r.category_idx for r in first.collect() if r.item_id == "b")
-    assert second["c"].category_idx == 3
+def _events(rows, item_idx=None):
+    """Events of user u1 from (seconds after T0, type, session, item, category, price) tuples."""
+    times = [T0 + dt.timedelta(seconds=r[0]) for r in rows]
+    return pa.table({
+        "event_id": [f"e{i}" for i in range(len(rows))],
+        "event_time": pa.array(times, pa.timestamp("us", tz="UTC")),
+        "event_type": [r[1] for r in rows], "user_id": ["u1"] * len(rows), "session_id": [r[2] for r in rows],
+        "item_id": pa.array([r[3] for r in rows], pa.string()), "category": [r[4] for r in rows],
+        "brand": ["b"] * len(rows), "price": pa.array([r[5] for r in rows], pa.float64()),
+        "event_date": pa.array([t.date() for t in times], pa.date32()),
+        "item_idx": pa.array(item_idx or [None] * len(rows), pa.int32())})
 
 
-def test_catalog_holds_price_statistics_and_popularity(spark):
-    events = _events(spark, [(0, "view", "s1", "a", "c1", 1.0), (1, "cart", "s1", "a", "c1", 3.0),
-                             (2, "view", "s2", "a", "c1", 8.0), (3, "view", "s2", "b", "c2", 5.0)])
-    a = next(r for r in build_item_catalog(events, None, []).collect() if r.item_id == "a")
-    assert (a.price, a.price_min, a.price_max, a.price_mean, a.popularity) == (3.0, 1.0, 8.0, 4.0, 3)
+def _counts(events):
+    keys = ["item_id", "category", "brand", "price"]
+    counted = events.filter(pc.is_valid(events.column("item_id"))).group_by(keys).aggregate([("event_time", "count")])
+    return pa.table({"n": counted.column("event_time_count"), **{k: counted.column(k) for k in keys}})
 
 
-def test_sessions_are_ordered_with_gaps_and_tokens_are_framed(spark):
-    events = _events(spark, [(30, "cart", "s1", "a", "c1", 1.0), (0, "view", "s1", "a", "c1", 1.0),
-                             (10, "search", "s1", None, "c1", None)])
-    catalog = build_item_catalog(events, None, [])
-    sessions = build_sessions(events, catalog, holdout_percent=0).collect()
-    assert len(sessions) == 1
-    s = sessions[0]
-    assert s.event_types == ["view", "search", "cart"]
-    assert s.gap_seconds == [0.0, 10.0, 20.0]
-    assert s.item_idx == [1, 0, 1] and s.split == "train"
-    contexts = spark.createDataFrame([("u1", [0.5] * 7, 1)], "user_id string, user_context array<float>, user_category_idx int")
-    tokens = build_session_tokens(spark.createDataFrame([s]), catalog, contexts, window=4, edges=[0, 5, 15, 30]).collect()
-    assert len(tokens) == 1
-    t = tokens[0]
-    assert t.event_type == [BOS, 3, 6, 4, EOS, PAD]
-    assert t.item_idx == [0, 1, 0, 1, 0, 0]
-    assert t.gap_bucket == [0, 0, 2, 3, 0, 0]
-    assert t.length == 5
-    assert t.user_context == [0.5] * 7 and t.user_category_idx == 1
+def _catalog(spark, tmp_path, name, rows, previous=None, buckets=4):
+    """The catalogue rows the item pass gives for `rows` (and a previous catalogue), by item id."""
+    path = tmp_path / f"{name}.parquet"
+    pq.write_table(_events(rows), path)
+    previous_files = []
+    if previous:
+        from synth.featurize import _catalog_schema
+
+        pq.write_table(pa.Table.from_pylist(list(previous.values()), _catalog_schema()), tmp_path / f"{name}-prev.parquet")
+        previous_files = [(tmp_path / f"{name}-prev.parquet").as_uri()]
+    items, vocabulary = item_pass(spark.sparkContext, [path.as_uri()], previous_files, buckets)
+    try:
+        tables = items.map(vocabulary.catalog).collect()
+    finally:
+        items.unpersist()
+    return {r["item_id"]: r for table in tables for r in table.to_pylist()}
 
 
-def test_long_sessions_become_overlapping_windows_covering_every_token(spark):
-    rows = [(i, "view", "s1", f"i{i}", "c", 1.0) for i in range(10)]
-    events = _events(spark, rows)
-    catalog = build_item_catalog(events, None, [])
-    sessions = build_sessions(events, catalog, holdout_percent=0)
-    contexts = spark.createDataFrame([("u1", [0.0] * 7, 0)], "user_id string, user_context array<float>, user_category_idx int")
-    windows = sorted(build_session_tokens(sessions, catalog, contexts, window=4, edges=[0]).collect(),
-                     key=lambda r: r.window_start)
-    assert [w.window_start for w in windows] == [0, 2, 4, 6]
-    assert all(len(w.event_type) == 6 for w in windows)
-    assert windows[0].event_type[0] == BOS and windows[-1].event_type[-1] == EOS
-    covered = {w.window_start + k for w in windows for k in range(w.length)}
+def test_vocabulary_ids_are_stable_and_new_items_are_appended(spark, tmp_path):
+    first = _catalog(spark, tmp_path, "day1", [(0, "view", "s1", "b", "c1", 2.0), (1, "view", "s1", "a", "c2", 1.0)])
+    assert sorted(r["item_idx"] for r in first.values()) == [1, 2]
+    assert {k: r["category_idx"] for k, r in first.items()} == {"b": 1, "a": 2}  # categories in key order
+    day2 = [(0, "view", "s2", "c", "c3", 3.0), (1, "view", "s2", "b", "c1", 2.0), (2, "view", "s2", "0", "c1", 2.0)]
+    second = _catalog(spark, tmp_path, "day2", day2, previous=first)
+    assert {k: second[k]["item_idx"] for k in first} == {k: r["item_idx"] for k, r in first.items()}
+    assert sorted(second[k]["item_idx"] for k in ("0", "c")) == [3, 4]
+    assert second["a"]["popularity"] == 0 and second["b"]["popularity"] == 1
+    assert second["b"]["category_idx"] == first["b"]["category_idx"] and second["c"]["category_idx"] == 3
+    # New items are numbered in the order of their id's hash, whatever the number of buckets.
+    again = _catalog(spark, tmp_path, "day2-one-bucket", day2, previous=first, buckets=1)
+    assert {k: r["item_idx"] for k, r in again.items()} == {k: r["item_idx"] for k, r in second.items()}
+
+
+def test_catalog_holds_price_statistics_and_popularity():
+    events = _events([(0, "view", "s1", "a", "c1", 1.0), (1, "cart", "s1", "a", "c1", 3.0),
+                      (2, "view", "s2", "a", "c1", 8.0), (3, "view", "s2", "b", "c2", 5.0)])
+    a = next(r for r in item_statistics(_counts(events)).to_pylist() if r["item_id"] == "a")
+    assert (a["price"], a["price_min"], a["price_max"], a["price_mean"], a["popularity"]) == (3.0, 1.0, 8.0, 4.0, 3)
+
+
+def test_catalog_takes_the_most_frequent_values_and_works_without_prices():
+    events = _events([(0, "view", "s1", "a", "c1", None), (1, "view", "s1", "a", "c2", None),
+                      (2, "view", "s2", "a", "c2", None), (3, "view", "s2", "b", "c1", None),
+                      (4, "view", "s2", "b", "c0", None)])
+    items = {r["item_id"]: r for r in item_statistics(_counts(events)).to_pylist()}
+    assert items["a"]["category"] == "c2" and items["b"]["category"] == "c0"  # ties go to the lowest value
+    assert all(r["price"] is None and r["price_mean"] is None and r["price_min"] is None for r in items.values())
+    assert (items["a"]["popularity"], items["b"]["popularity"]) == (3, 2)
+
+
+def _contexts(value: float, category_idx: int):
+    return pa.table({"user_id": ["u1"], "user_context": pa.array([[value] * 7], pa.list_(pa.float32())),
+                     "user_category_idx": pa.array([category_idx], pa.int32())})
+
+
+def test_sessions_are_ordered_with_gaps_and_tokens_are_framed():
+    events = _events([(30, "cart", "s1", "a", "c1", 1.0), (0, "view", "s1", "a", "c1", 1.0),
+                      (10, "search", "s1", None, "c1", None)], item_idx=[1, 1, None])
+    sessions = sessions_of(events, holdout_percent=0)
+    assert sessions.num_rows == 1
+    s = sessions.to_pylist()[0]
+    assert s["event_types"] == ["view", "search", "cart"]
+    assert s["gap_seconds"] == [0.0, 10.0, 20.0]
+    assert s["item_idx"] == [1, 0, 1] and s["split"] == "train" and s["n_events"] == 3
+    tokens = session_tokens(sessions, _contexts(0.5, 1), window=4, edges=[0, 5, 15, 30], category_ids={"c1": 7})
+    assert tokens.num_rows == 1
+    t = tokens.to_pylist()[0]
+    assert t["event_type"] == [BOS, 3, 6, 4, EOS, PAD]
+    assert t["item_idx"] == [0, 1, 0, 1, 0, 0]
+    assert t["category_idx"] == [0, 7, 7, 7, 0, 0]
+    assert t["gap_bucket"] == [0, 0, 2, 3, 0, 0]
+    assert t["length"] == 5
+    assert t["user_context"] == [0.5] * 7 and t["user_category_idx"] == 1
+
+
+def test_long_sessions_become_overlapping_windows_covering_every_token():
+    events = _events([(i, "view", "s1", f"i{i}", "c", 1.0) for i in range(10)], item_idx=list(range(1, 11)))
+    windows = sorted(session_tokens(sessions_of(events, 0), _contexts(0.0, 0), window=4, edges=[0],
+                                    category_ids={}).to_pylist(), key=lambda r: r["window_start"])
+    assert [w["window_start"] for w in windows] == [0, 2, 4, 6]
+    assert all(len(w["event_type"]) == 6 for w in windows)
+    assert windows[0]["event_type"][0] == BOS and windows[-1]["event_type"][-1] == EOS
+    covered = {w["window_start"] + k for w in windows for k in range(w["length"])}
     assert covered == set(range(12))
 
 
 @pytest.mark.parametrize("percent,expected", [(0, {"train"}), (100, {"holdout"})])
-def test_holdout_split_follows_the_configured_share(spark, percent, expected):
-    events = _events(spark, [(i, "view", f"s{i}", "a", "c", 1.0) for i in range(20)])
-    catalog = build_item_catalog(events, None, [])
-    assert {r.split for r in build_sessions(events, catalog, percent).collect()} == expected
+def test_holdout_split_follows_the_configured_share(percent, expected):
+    events = _events([(i, "view", f"s{i}", "a", "c", 1.0) for i in range(20)])
+    assert set(sessions_of(events, percent).column("split").to_pylist()) == expected
 
 
-def test_user_profiles_count_activity_and_category_affinity(spark):
-    from synth.featurize import build_user_profiles
+def test_holdout_split_is_a_stable_share_of_sessions():
+    events = _events([(i, "view", f"s{i}", "a", "c", 1.0) for i in range(4000)])
 
-    events = _events(spark, [(0, "view", "s1", "a", "c1", 2.0), (60, "cart", "s1", "a", "c1", 2.0),
-                             (120, "purchase", "s1", "a", "c1", 2.0), (86400, "view", "s2", "b", "c2", 5.0)])
-    profile = build_user_profiles(events).first()
-    assert (profile.n_sessions, profile.n_events, profile.n_views, profile.n_carts, profile.n_purchases) == (2, 4, 2, 1, 1)
-    assert profile.monetary == 2.0 and profile.recency_days == 0.0
-    assert profile.top_category == "c1"
-    assert profile.category_affinity == {"c1": 0.75, "c2": 0.25}
+    def split(table):
+        sessions = sessions_of(table, 10)
+        return dict(zip(sessions.column("session_id").to_pylist(), sessions.column("split").to_pylist()))
+
+    everything = split(events)
+    assert 300 < list(everything.values()).count("holdout") < 500
+    # A session's split depends on its id only, not on the other sessions around it.
+    assert split(events.slice(1000, 500)) == {f"s{i}": everything[f"s{i}"] for i in range(1000, 1500)}
 
 
-def test_catalog_takes_the_most_frequent_values_and_works_without_prices(spark):
-    events = _events(spark, [(0, "view", "s1", "a", "c1", None), (1, "view", "s1", "a", "c2", None),
-                             (2, "view", "s2", "a", "c2", None), (3, "view", "s2", "b", "c1", None),
-                             (4, "view", "s2", "b", "c0", None)])
-    items = {r.item_id: r for r in build_item_catalog(events, None, []).collect()}
-    assert items["a"].category == "c2" and items["b"].category == "c0"  # ties go to the lowest value
-    assert all(r.price is None and r.price_mean is None and r.price_min is None for r in items.values())
-    assert (items["a"].popularity, items["b"].popularity) == (3, 2)
+def test_user_profiles_count_activity_and_category_affinity():
+    events = _events([(0, "view", "s1", "a", "c1", 2.0), (60, "cart", "s1", "a", "c1", 2.0),
+                      (120, "purchase", "s1", "a", "c1", 2.0), (86400, "view", "s2", "b", "c2", 5.0)])
+    profile = user_profiles(events, T0 + dt.timedelta(days=1)).to_pylist()[0]
+    assert (profile["n_sessions"], profile["n_events"], profile["n_views"], profile["n_carts"],
+            profile["n_purchases"]) == (2, 4, 2, 1, 1)
+    assert profile["monetary"] == 2.0 and profile["recency_days"] == 0.0
+    assert profile["top_category"] == "c1"
+    assert dict(profile["category_affinity"]) == {"c1": 0.75, "c2": 0.25}
+    context = user_contexts(user_profiles(events, T0 + dt.timedelta(days=1)), {"c1": 4}).to_pylist()[0]
+    assert context["user_category_idx"] == 4 and context["user_context"][3] == pytest.approx(0.25)

@@ -1,0 +1,145 @@
+"""The Arrow data plane: stages that move events as Arrow tables through Spark's shuffle.
+
+Spark's row engine spends microseconds per row and operator; a stage that only needs sorts, group-bys
+and array building does them in pyarrow and numpy over whole tables instead. Spark still runs the
+tasks and the shuffle: a task reads Parquet files with pyarrow, cuts its rows into buckets and hands
+each bucket to the shuffle as one compressed Arrow IPC blob, so Spark moves a few large byte strings
+per task, never the rows. Executor code imports pyarrow and numpy itself (these functions are
+shipped to Spark's Python workers).
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator
+from urllib.parse import unquote
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+
+
+def hash64(values) -> "np.ndarray":
+    """A 64-bit hash of each string (nulls hash as ""), the same in every process and on every machine.
+
+    FNV-1a over the UTF-8 bytes, then the splitmix64 finalizer so the top bits are as mixed as the low
+    ones (range_bucket cuts on the top bits). Each distinct value is hashed once.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    encoded = pc.dictionary_encode(pc.fill_null(values.cast(pa.string()), ""))
+    distinct = encoded.dictionary.cast(pa.large_string())
+    n = len(distinct)
+    offsets = np.frombuffer(distinct.buffers()[1], np.int64, count=n + 1, offset=8 * distinct.offset)
+    data = distinct.buffers()[2]
+    data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    h = np.full(n, _FNV_OFFSET, np.uint64)
+    active = np.arange(n)
+    position = 0
+    with np.errstate(over="ignore"):
+        while active.size:
+            active = active[lengths[active] > position]
+            h[active] = (h[active] ^ data[starts[active] + position]) * np.uint64(_FNV_PRIME)
+            position += 1
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def range_bucket(hashes, n: int):
+    """Bucket 0..n-1 of each hash, in hash order: bucket k holds the k-th n-th of the hash range, so
+    sorting within buckets and concatenating them in bucket order sorts by hash whatever n is."""
+    import numpy as np
+
+    return (((hashes >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32)).astype(np.int64)
+
+
+def to_ipc(table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc(payloads: Iterable[bytes]):
+    """One table from IPC blobs of the same schema; None when there are none."""
+    import pyarrow as pa
+
+    tables = [pa.ipc.open_stream(p).read_all() for p in payloads]
+    return pa.concat_tables(tables) if tables else None
+
+
+def by_bucket(table, buckets, n: int, kind: str) -> Iterator[tuple[int, tuple[str, bytes]]]:
+    """Shuffle records (bucket, (kind, IPC blob)): the rows of `table` cut by their bucket (0..n-1)."""
+    import numpy as np
+    import pyarrow as pa
+
+    order = np.argsort(buckets, kind="stable")
+    counts = np.bincount(buckets, minlength=n)
+    ordered = table.take(pa.array(order))
+    start = 0
+    for bucket, count in enumerate(counts.tolist()):
+        if count:
+            yield bucket, (kind, to_ipc(ordered.slice(start, count)))
+            start += count
+
+
+def read_parquet(uris: list[str], columns: list[str], partition_column: str | None = None):
+    """The `columns` of Parquet files (Delta table files), with a hive partition column taken from each
+    file's path. Nothing but the files' own rows: every task reads just its share of a snapshot."""
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    tables = []
+    for uri in uris:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        table = pq.read_table(path, columns=[c for c in columns if c != partition_column], filesystem=fs)
+        if partition_column is not None:
+            match = re.search(rf"(?:^|/){re.escape(partition_column)}=([^/]*)/", uri)
+            if match is None:
+                raise ValueError(f"{uri}: no {partition_column}= folder in the path")
+            text = unquote(match.group(1))
+            value = None if text == "__HIVE_DEFAULT_PARTITION__" else dt.date.fromisoformat(text)
+            table = table.append_column(partition_column, pa.array([value] * table.num_rows, pa.date32()))
+        tables.append(table.select(columns))
+    return pa.concat_tables(tables)
+
+
+def file_groups(uris: list[str], groups: int) -> list[list[str]]:
+    """`uris` dealt round-robin into at most `groups` non-empty lists (one map task each)."""
+    groups = max(1, min(groups, len(uris)))
+    return [uris[i::groups] for i in range(groups)] if uris else []
+
+
+def records(sc, inputs: list, produce: Callable):
+    """An RDD of shuffle records (bucket, (kind, payload)): `produce(input)` yields them, one task per input."""
+
+    def run(items):
+        for item in items:
+            yield from produce(item)
+
+    return sc.parallelize(inputs, max(1, len(inputs))).mapPartitions(run)
+
+
+def shuffled(rdd, buckets: int):
+    """The records of `rdd` moved so that partition b holds exactly the records of bucket b."""
+    return rdd.partitionBy(buckets, lambda bucket: bucket)
+
+
+def payloads_of(partition) -> dict[str, list]:
+    """A partition's shuffle records, the payloads grouped by kind."""
+    grouped: dict[str, list] = {}
+    for _, (kind, payload) in partition:
+        grouped.setdefault(kind, []).append(payload)
+    return grouped
