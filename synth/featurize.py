@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -517,8 +518,9 @@ def _to_user_buckets(n: int):
 
 
 def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int, window: int,
-                   edges: list[float], category_ids: dict[str, int], latest):
-    """Reduce side of the user pass: a user bucket's sessions, profiles and token windows, written."""
+                   edges: list[float], category_ids: dict[str, int], latest, token_files: int):
+    """Reduce side of the user pass: a user bucket's sessions, profiles and token windows, written
+    (the windows in `token_files` files per split)."""
 
     def run(partition):
         import datetime as dt
@@ -535,8 +537,12 @@ def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int,
         if dates is not None:
             chosen = pa.array([dt.date.fromisoformat(d) for d in dates], pa.date32())
             sessions = sessions.filter(pc.is_in(sessions.column("event_date"), value_set=chosen))
-        for table, rows in (("sessions", sessions), ("user_profiles", profiles), ("session_tokens", tokens)):
-            if rows is not None and rows.num_rows:
+        outputs = [("sessions", sessions), ("user_profiles", profiles)]
+        if tokens is not None:
+            size = math.ceil(tokens.num_rows / token_files)
+            outputs += [("session_tokens", tokens.slice(i * size, size)) for i in range(token_files)]
+        for table, rows in outputs:
+            if rows.num_rows:
                 for add in writers[table]([rows]):
                     yield table, add
 
@@ -544,7 +550,8 @@ def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int,
 
 
 def _options(cfg) -> str:
-    options = {"featurize": cfg.featurize.to_dict(), "version": _FEATURES_VERSION}
+    shaping = {k: v for k, v in cfg.featurize.to_dict().items() if k != "events_per_task"}
+    options = {"featurize": shaping, "version": _FEATURES_VERSION}
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -580,8 +587,12 @@ def run(ctx) -> dict[str, int]:
     previous_files = []
     if ctx.lake.exists("item_catalog"):
         previous_files = ctx.lake.files("item_catalog", ctx.read("item_catalog").version)
-    buckets = max(4, int(ctx.cfg.train.num_processes), int(ctx.cfg.spark.shuffle_partitions))
     sc = ctx.spark.sparkContext
+    # Whole rounds of tasks over the cores, each of about events_per_task events.
+    cores = max(1, sc.defaultParallelism)
+    buckets = cores * max(1, math.ceil(ctx.lake.rows("events", events.version) / (cfg.events_per_task * cores)))
+    # Training shards the token windows by file: at least four files, and one per training process.
+    token_files = math.ceil(max(4, int(ctx.cfg.train.num_processes)) / buckets)
     log.info("featurize: item pass over %d event files and %d catalogue files in %d buckets",
              len(event_files), len(previous_files), buckets)
     items, vocabulary = item_pass(sc, event_files, previous_files, buckets)
@@ -606,7 +617,7 @@ def run(ctx) -> dict[str, int]:
         log.info("featurize: user pass (sessions, profiles, token windows)")
         results = by_user.mapPartitions(_user_features(
             writers, dates, cfg.holdout_percent, cfg.window, list(cfg.gap_bucket_edges), vocabulary.category_ids,
-            vocabulary.latest)).collect()
+            vocabulary.latest, token_files)).collect()
     finally:
         items.unpersist()
     written = {table: [add for name, add in results if name == table] for table in writers}

@@ -106,6 +106,14 @@ class Lake:
         # Not Path.as_uri(): it would percent-encode the '=' of partition folders.
         return [u if "://" in u else f"file://{u}" for u in dt.file_uris()]
 
+    def rows(self, table: str, version: int) -> int:
+        """Rows of `table` at `version`, from the commit statistics (no file is read)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        actions = pa.table(self._delta(table, version).get_add_actions(flatten=True))
+        return int(pc.sum(actions.column("num_records")).as_py() or 0) if actions.num_rows else 0
+
     def read(self, table: str, version: int | None = None) -> Snapshot:
         """Read `table` pinned at `version` (default: the latest, resolved now and recorded)."""
         spec = contract(table)
