@@ -9,6 +9,7 @@ shipped to Spark's Python workers).
 """
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import unquote
@@ -44,12 +45,63 @@ def hash64(values) -> "np.ndarray":
             active = active[lengths[active] > position]
             h[active] = (h[active] ^ data[starts[active] + position]) * np.uint64(_FNV_PRIME)
             position += 1
+    return mix64(h)[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def mix64(values):
+    """The splitmix64 finalizer: a bijection of uint64 that spreads every input bit over all output bits."""
+    import numpy as np
+
+    h = values.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
         h ^= h >> np.uint64(30)
         h *= np.uint64(0xBF58476D1CE4E5B9)
         h ^= h >> np.uint64(27)
         h *= np.uint64(0x94D049BB133111EB)
         h ^= h >> np.uint64(31)
-    return h[encoded.indices.to_numpy(zero_copy_only=False)]
+    return h
+
+
+_NULL_HASH = 0x6A09E667F3BCC908  # stands for a null value in combined_hashes
+
+
+def combined_hashes(columns, rows: int) -> tuple:
+    """Two 64-bit hashes of each of `rows` rows of `columns` (strings, integers, timestamps, doubles; a
+    null differs from every value), as two uint64 arrays: two chains that mix the same column hashes
+    with different constants."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    first = np.full(rows, _FNV_OFFSET, np.uint64)
+    second = np.full(rows, _FNV_PRIME, np.uint64)
+    with np.errstate(over="ignore"):
+        for column in columns:
+            if isinstance(column, pa.ChunkedArray):
+                column = column.combine_chunks()
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                value = hash64(column)
+            elif pa.types.is_floating(column.type):
+                value = mix64(pc.fill_null(column, 0.0).to_numpy(zero_copy_only=False).astype(np.float64).view(np.uint64))
+            else:
+                value = mix64(pc.fill_null(column.cast(pa.int64()), 0).to_numpy(zero_copy_only=False).view(np.uint64))
+            value = np.where(column.is_null().to_numpy(zero_copy_only=False), np.uint64(_NULL_HASH), value)
+            first = mix64(first * np.uint64(0x9E3779B97F4A7C15) + value)
+            second = mix64((second ^ value) * np.uint64(0xC2B2AE3D27D4EB4F))
+    return first, second
+
+
+def hex_digits(*hashes):
+    """uint64 arrays side by side as one string of 16 lower-case hex digits each, per row."""
+    import numpy as np
+    import pyarrow as pa
+
+    digits = np.frombuffer(b"0123456789abcdef", np.uint8)
+    shifts = np.arange(60, -4, -4, dtype=np.uint64)
+    text = np.concatenate([digits[((h[:, None] >> shifts) & np.uint64(0xF)).astype(np.intp)] for h in hashes], axis=1)
+    n, width = text.shape
+    offsets = np.arange(0, n * width + 1, width, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(text))])
 
 
 def range_bucket(hashes, n: int):
@@ -114,6 +166,13 @@ def read_parquet(uris: list[str], columns: list[str], partition_column: str | No
             table = table.append_column(partition_column, pa.array([value] * table.num_rows, pa.date32()))
         tables.append(table.select(columns))
     return pa.concat_tables(tables)
+
+
+def task_count(sc, events: int, events_per_task: int) -> int:
+    """Tasks for `events` events: whole rounds over the cores, each task of about events_per_task
+    events. Every Python task costs about 0.1 s however small, so tasks are made large."""
+    cores = max(1, sc.defaultParallelism)
+    return cores * max(1, math.ceil(events / (events_per_task * cores)))
 
 
 def file_groups(uris: list[str], groups: int) -> list[list[str]]:

@@ -22,9 +22,12 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyspark.sql import Column, DataFrame, Window
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from synth import _arrow
+from synth.lake import ADD_ACTIONS_DDL
 from synth.simulate import simulate
 from synth.sources import InputFile, list_input_files, read_source
 
@@ -36,6 +39,9 @@ _CANONICAL = ("event_time", "event_type", "user_id", "session_id", "item_id", "c
 
 
 _CACHE_COMPRESSED = "spark.sql.inMemoryColumnarStorage.compressed"
+# Changes whenever the same input and options would give other events (ids, sessions), so that the
+# next run rebuilds every date instead of mixing old and new rows.
+_EVENTS_VERSION = 2
 
 
 class QuarantineThresholdExceeded(RuntimeError):
@@ -55,16 +61,6 @@ def pseudonym_key(cfg) -> bytes:
         log.warning("no %s set: created a random pseudonymization key in %s; keep it to get the same "
                     "pseudonyms tomorrow", cfg.clean.pseudonym_key_env, path)
     return path.read_text().strip().encode()
-
-
-def hmac_sha256(key: bytes, message: Column) -> Column:
-    """HMAC-SHA256 of a string column as hex, in Spark SQL (RFC 2104), so no Python UDF is needed."""
-    block = 64
-    key = (hashlib.sha256(key).digest() if len(key) > block else key).ljust(block, b"\0")
-    inner_pad = bytes(b ^ 0x36 for b in key).hex()
-    outer_pad = bytes(b ^ 0x5C for b in key).hex()
-    inner = F.unhex(F.sha2(F.concat(F.unhex(F.lit(inner_pad)), F.encode(message, "UTF-8")), 256))
-    return F.sha2(F.concat(F.unhex(F.lit(outer_pad)), inner), 256)
 
 
 def _plausible(event_time: Column, cfg) -> Column:
@@ -108,8 +104,9 @@ def _checked(rows: DataFrame, cfg, price_required: bool = True) -> DataFrame:
             .withColumn("reason", reason).withColumn("detail", detail))
 
 
-def _deduplicated_sessions(rows: DataFrame, cfg, key: bytes) -> DataFrame:
-    """Exact duplicates dropped, session ids assigned, users pseudonymized: one sort, one window pass.
+def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: bytes):
+    """Exact duplicates dropped, session ids assigned, users pseudonymized, event ids added, for `rows`
+    (canonical fields, source_file, event_date) holding whole (user, date) groups.
 
     Exact duplicates share every canonical field, so they sort next to each other within their
     (user, source session, date); the copy from the first source file is kept. Session ids are the
@@ -117,44 +114,83 @@ def _deduplicated_sessions(rows: DataFrame, cfg, key: bytes) -> DataFrame:
     splitting. Sessions are also cut at UTC midnight, so that a date re-processed alone (incremental
     runs) gets exactly the sessions a full run would give it.
     """
-    rows = rows.withColumn("event_date", F.to_date("event_time"))
-    by_source_session = Window.partitionBy("user_id", "session_id", "event_date").orderBy(
-        *[F.col(c).asc_nulls_first() for c in ("event_time", "event_type", "item_id", "price", "brand",
-                                                "category", "category_path", "source_file")])
-    so_far = by_source_session.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    # One lag of all the compared fields (struct equality treats null fields as equal).
-    fields = F.struct("event_time", "event_type", "item_id", "price", "brand", "category", "category_path")
-    duplicate = F.coalesce(fields == F.lag(fields).over(by_source_session), F.lit(False))
-    # A duplicate's gap is 0, so it never starts a segment.
-    gap = F.col("event_time").cast("long") - F.lag(F.col("event_time").cast("long")).over(by_source_session)
-    starts = F.col("session_id").isNull() & (gap > cfg.clean.session_gap_minutes * 60)
-    rows = (rows.withColumn("_duplicate", duplicate).withColumn("_starts", F.coalesce(starts, F.lit(False)))
-            .withColumn("_segment", F.sum(F.col("_starts").cast("int")).over(so_far))
-            # Events kept so far, and how many were kept before the current segment began.
-            .withColumn("_kept", F.sum((~F.col("_duplicate")).cast("int")).over(so_far))
-            .withColumn("_before", F.max(F.when(F.col("_starts"), F.col("_kept") - 1)).over(so_far))
-            .where(~F.col("_duplicate")))
-    position = F.col("_kept") - F.coalesce(F.col("_before"), F.lit(0))
-    part = F.floor((position - 1) / cfg.clean.max_session_events)
-    session_key = F.concat_ws("|", F.col("user_id"), F.coalesce(F.col("session_id"), F.lit("")),
-                              F.col("event_date"), F.col("_segment"), part)
-    pseudonym = hmac_sha256(key, F.concat(F.lit("user|"), F.col("user_id")))
-    rows = rows.select(
-        *[c for c in rows.columns if c not in ("user_id", "session_id") and not c.startswith("_")],
-        F.concat(F.lit("u_"), F.substring(pseudonym, 1, 32)).alias("user_id"),
-        F.concat(F.lit("s_"), F.substring(hmac_sha256(key, session_key), 1, 32)).alias("session_id"))
-    return rows.withColumn("event_id", event_id(*_CANONICAL))
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    order = ["user_id", "session_id", "event_date", "event_time", "event_type", "item_id", "price", "brand",
+             "category", "category_path", "source_file"]
+    rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in order], null_placement="at_start"))
+
+    def same_as_previous(column: str) -> np.ndarray:
+        """Row i holds the same value as row i - 1 (null equals null; row 0 never)."""
+        values = rows.column(column).combine_chunks()
+        same = np.zeros(len(values), dtype=bool)
+        if len(values) > 1:
+            here, before = values.slice(1), values.slice(0, len(values) - 1)
+            equal = pc.or_(pc.fill_null(pc.equal(here, before), False), pc.and_(pc.is_null(here), pc.is_null(before)))
+            same[1:] = equal.to_numpy(zero_copy_only=False)
+        return same
+
+    same_group = same_as_previous("user_id") & same_as_previous("session_id") & same_as_previous("event_date")
+    duplicate = same_group.copy()
+    for column in ("event_time", "event_type", "item_id", "price", "brand", "category", "category_path"):
+        duplicate &= same_as_previous(column)
+    seconds = rows.column("event_time").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False) // 1_000_000
+    gap = np.diff(seconds, prepend=seconds[:1])
+    gap_start = same_group & rows.column("session_id").is_null().to_numpy(zero_copy_only=False) & (gap > gap_seconds)
+    kept = ~duplicate
+    rows, group_start, gap_start = rows.filter(pa.array(kept)), ~same_group[kept], gap_start[kept]
+    n = rows.num_rows
+    # The inactivity segment of each event in its group (0, 1, ...), its position in the segment, and
+    # so the part of the segment (max_session_events each) it falls in: one session per part.
+    segment_start = group_start | gap_start
+    passed = np.cumsum(gap_start)
+    segment = passed - passed[np.flatnonzero(group_start)][np.cumsum(group_start) - 1]
+    position = np.arange(n) - np.flatnonzero(segment_start)[np.cumsum(segment_start) - 1]
+    part = position // max_session_events
+    first = np.flatnonzero(position % max_session_events == 0)
+    session_of_row = np.cumsum(position % max_session_events == 0) - 1
+
+    users = pc.dictionary_encode(rows.column("user_id").combine_chunks())
+    user_ids = [_pseudonym(key, "user|" + u, "u_") for u in users.dictionary.to_pylist()]
+    raw_sessions = rows.column("session_id").take(pa.array(first)).to_pylist()
+    session_keys = zip(rows.column("user_id").take(pa.array(first)).to_pylist(), raw_sessions,
+                       rows.column("event_date").take(pa.array(first)).to_pylist(),
+                       segment[first].tolist(), part[first].tolist())
+    session_ids = pa.array([_pseudonym(key, f"{u}|{s or ''}|{d.isoformat()}|{g}|{p}", "s_")
+                            for u, s, d, g, p in session_keys], pa.string())
+    user_id = pa.array(user_ids, pa.string()).take(users.indices)
+    session_id = session_ids.take(pa.array(session_of_row))
+    rows = rows.set_column(rows.schema.get_field_index("user_id"), "user_id", user_id)
+    rows = rows.set_column(rows.schema.get_field_index("session_id"), "session_id", session_id)
+    return rows.append_column("event_id", event_ids(rows))
 
 
-def event_id(*columns: str) -> Column:
-    """128 bits as 32 hex digits: two xxhash64 of the typed fields, told apart by their first input.
+def _pseudonym(key: bytes, message: str, prefix: str) -> str:
+    return prefix + hmac.new(key, message.encode(), hashlib.sha256).hexdigest()[:32]
 
-    Not SHA-256 over the fields as text: formatting the timestamp and price as strings cost more than
-    the hash (about 2 us per event). Clean hashes the pseudonymized ids, never the raw user id, which
-    an unkeyed hash would let anyone recover by trying ids.
+
+def event_ids(events):
+    """128 bits as 32 hex digits: two 64-bit hash chains over the canonical fields.
+
+    The ids hash the pseudonymized user and session ids, never the raw user id, which an unkeyed hash
+    would let anyone recover by trying ids.
     """
-    halves = [F.lpad(F.lower(F.hex(F.xxhash64(F.lit(f"event_id/{i}"), *columns))), 16, "0") for i in (1, 2)]
-    return F.concat(*halves)
+    return _arrow.hex_digits(*_arrow.combined_hashes([events.column(c) for c in _CANONICAL], events.num_rows))
+
+
+def _sessionizer(gap_seconds: int, max_session_events: int, key: bytes, writer):
+    """The executor side of the events write: a partition's whole (user, date) groups sessionized and
+    written as Parquet; yields the files' add actions."""
+
+    def run(batches):
+        batches = [b for b in batches if b.num_rows]
+        if batches:
+            events = deduplicated_sessions(pa.Table.from_batches(batches), gap_seconds, max_session_events, key)
+            yield from writer.batches([events])
+
+    return run
 
 
 @dataclass
@@ -174,8 +210,9 @@ class _Plan:
 
 
 def _fingerprint(cfg, key: bytes) -> str:
-    """Changes when anything that shapes the events changes: input and clean options, or the key."""
-    options = {"input": cfg.input.to_dict(),
+    """Changes when anything that shapes the events changes: input and clean options, the key, or the
+    way events are derived (_EVENTS_VERSION)."""
+    options = {"input": cfg.input.to_dict(), "version": _EVENTS_VERSION,
                "clean": {k: v for k, v in cfg.clean.to_dict().items()
                          if k not in ("incremental", "max_quarantine_share", "pseudonym_key_env",
                                       "pseudonym_key_file")},
@@ -357,9 +394,15 @@ def run(ctx) -> dict[str, int]:
             f"Inspect: SELECT reason, count(*) FROM delta.`{ctx.lake.uri('quarantine')}` "
             f"WHERE run_id = '{ctx.run_id}' GROUP BY reason")
 
-    events = _deduplicated_sessions(flagged.where(F.col("peak").isNull()).select(*_CANONICAL, "source_file"), cfg, key)
+    # Whole (user, date) groups per task, deduplicated, sessionized and written in Arrow.
+    rows = flagged.where(F.col("peak").isNull()).select(*_CANONICAL, "source_file", "event_date")
+    tasks = _arrow.task_count(spark.sparkContext, valid_count - by_reason.get("bot_user", 0),
+                              cfg.spark.events_per_task)
+    writer = ctx.lake.arrow_writer("events")
+    sessionize = _sessionizer(cfg.clean.session_gap_minutes * 60, cfg.clean.max_session_events, key, writer)
+    adds = rows.repartition(tasks, "user_id", "event_date").mapInArrow(sessionize, ADD_ACTIONS_DDL).collect()
     replace = None if plan.full else {"event_date": [d.isoformat() for d in plan.dates]}
-    clean_count = ctx.write(events, "events", replace=replace).rows
+    clean_count = ctx.commit_files(writer, [r.asDict() for r in adds], replace=replace).rows
     if plan.inventory is not None:
         ctx.write(_raw_files(ctx, plan, _file_dates(stats)), "raw_files")
     typed.unpersist()

@@ -550,8 +550,7 @@ def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int,
 
 
 def _options(cfg) -> str:
-    shaping = {k: v for k, v in cfg.featurize.to_dict().items() if k != "events_per_task"}
-    options = {"featurize": shaping, "version": _FEATURES_VERSION}
+    options = {"featurize": cfg.featurize.to_dict(), "version": _FEATURES_VERSION}
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -588,9 +587,7 @@ def run(ctx) -> dict[str, int]:
     if ctx.lake.exists("item_catalog"):
         previous_files = ctx.lake.files("item_catalog", ctx.read("item_catalog").version)
     sc = ctx.spark.sparkContext
-    # Whole rounds of tasks over the cores, each of about events_per_task events.
-    cores = max(1, sc.defaultParallelism)
-    buckets = cores * max(1, math.ceil(ctx.lake.rows("events", events.version) / (cfg.events_per_task * cores)))
+    buckets = _arrow.task_count(sc, ctx.lake.rows("events", events.version), ctx.cfg.spark.events_per_task)
     # Training shards the token windows by file: at least four files, and one per training process.
     token_files = math.ceil(max(4, int(ctx.cfg.train.num_processes)) / buckets)
     log.info("featurize: item pass over %d event files and %d catalogue files in %d buckets",

@@ -28,7 +28,7 @@ from synth.spark import has_delta_jars
 
 log = logging.getLogger(__name__)
 
-_ADD_ACTION_DDL = "path string, size long, partition_values string, modification_time long, stats string"
+ADD_ACTIONS_DDL = "path string, size long, partition_values string, modification_time long, stats string"
 _ROWS_PER_FILE = 2_000_000
 
 
@@ -150,7 +150,7 @@ class Lake:
         else:
             writer = _file_writer(self.uri(spec.table), list(spec.partition_by), uuid.uuid4().hex[:8])
             # Only the add actions (one small row per file) reach the driver.
-            adds = [r.asDict() for r in df.mapInArrow(writer, _ADD_ACTION_DDL).collect()]
+            adds = [r.asDict() for r in df.mapInArrow(writer, ADD_ACTIONS_DDL).collect()]
             commit = self._commit_adds(spec, adds, app_id, replace, metadata)
         self._log(commit, app_id, started)
         return commit
@@ -249,13 +249,16 @@ class ArrowWriter:
     write_id: str
     schema: object  # pyarrow.Schema
 
-    def __call__(self, tables) -> list[dict]:
+    def batches(self, tables):
         """Write `tables` (pyarrow Tables with the contract's columns, in any order and castable types);
-        return the add actions of the files written."""
+        yield the add actions of the files written as record batches (ADD_ACTIONS_DDL)."""
         write = _file_writer(self.target, list(self.partition_by), self.write_id)
         names = self.schema.names
-        batches = (batch for table in tables for batch in table.select(names).cast(self.schema).to_batches())
-        return [row for actions in write(batches) for row in actions.to_pylist()]
+        yield from write(batch for table in tables for batch in table.select(names).cast(self.schema).to_batches())
+
+    def __call__(self, tables) -> list[dict]:
+        """As batches, the add actions as dicts."""
+        return [row for actions in self.batches(tables) for row in actions.to_pylist()]
 
 
 def _replacing(table: str, replace) -> tuple[Contract, dict[str, list[str]]]:

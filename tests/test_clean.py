@@ -3,9 +3,8 @@ import hmac
 import re
 
 import pytest
-from pyspark.sql import functions as F
 
-from synth.clean import QuarantineThresholdExceeded, hmac_sha256
+from synth.clean import QuarantineThresholdExceeded
 from synth.runner import StageContext, run_stage
 from synth import clean
 
@@ -97,10 +96,11 @@ def test_rerun_of_the_same_run_changes_nothing(cleaned, spark, lake):
     assert lake.read("events").df.count() == counts["clean"]
 
 
-def test_hmac_in_spark_matches_python(spark):
-    key = b"k" * 70
-    got = spark.range(1).select(hmac_sha256(key, F.lit("user|501")).alias("h")).first().h
-    assert got == hmac.new(key, b"user|501", hashlib.sha256).hexdigest()
+def test_user_pseudonyms_are_the_keyed_hash_of_the_raw_ids(cleaned, lake):
+    cfg, _ = cleaned
+    key = clean.pseudonym_key(cfg)
+    expected = {"u_" + hmac.new(key, f"user|{raw}".encode(), hashlib.sha256).hexdigest()[:32] for raw in (501, 502)}
+    assert {r.user_id for r in lake.read("events").df.select("user_id").distinct().collect()} == expected
 
 
 def test_quarantine_share_above_threshold_fails_after_writing_quarantine(spark, lake, make_cfg, tmp_path):
@@ -123,11 +123,12 @@ def test_rees46_sample(spark, lake, make_cfg):
     assert counts["raw"] == counts["clean"] + counts["quarantined"] + counts["duplicates"]
 
 
-def test_duplicates_are_dropped_and_long_sessions_capped_in_one_pass(spark, make_cfg):
+def test_duplicates_are_dropped_and_long_sessions_capped_in_one_pass():
     import datetime as dt
 
-    cfg = make_cfg(**{"clean.max_session_events": 2, "clean.session_gap_minutes": 30})
-    t0 = dt.datetime(2026, 11, 1, 23, 0)
+    import pyarrow as pa
+
+    t0 = dt.datetime(2026, 11, 1, 23, 0, tzinfo=dt.timezone.utc)
     minutes = lambda m: t0 + dt.timedelta(minutes=m)  # noqa: E731
     rows = [
         # u1, no source session: 4 events within the gap, one of them duplicated in a later file. The
@@ -138,18 +139,24 @@ def test_duplicates_are_dropped_and_long_sessions_capped_in_one_pass(spark, make
         # u1 after a 40-minute gap: a new segment, also cut at midnight (00:05 the next day).
         (minutes(43), "view", "u1", None, "e", "f1"), (minutes(65), "view", "u1", None, "f", "f1"),
     ]
-    df = spark.createDataFrame(
-        [(t, e, u, s, i, "c", None, "b", 1.0, f) for t, e, u, s, i, f in rows],
-        "event_time timestamp, event_type string, user_id string, session_id string, item_id string, "
-        "category string, category_path string, brand string, price double, source_file string")
-    events = clean._deduplicated_sessions(df, cfg, b"k").collect()
+    table = pa.table({
+        "event_time": pa.array([r[0] for r in rows], pa.timestamp("us", tz="UTC")),
+        "event_type": [r[1] for r in rows], "user_id": [r[2] for r in rows],
+        "session_id": pa.array([r[3] for r in rows], pa.string()), "item_id": [r[4] for r in rows],
+        "category": ["c"] * len(rows), "category_path": pa.nulls(len(rows), pa.string()), "brand": ["b"] * len(rows),
+        "price": [1.0] * len(rows), "source_file": [r[5] for r in rows],
+        "event_date": pa.array([r[0].date() for r in rows], pa.date32())})
+    events = clean.deduplicated_sessions(table, gap_seconds=30 * 60, max_session_events=2, key=b"k").to_pylist()
     assert len(events) == 6
-    assert next(r for r in events if r.item_id == "b").source_file == "f1"
+    assert next(r for r in events if r["item_id"] == "b")["source_file"] == "f1"
     sessions = {}
-    for r in sorted(events, key=lambda r: r.event_time):
-        sessions.setdefault(r.session_id, []).append(r.item_id)
+    for r in sorted(events, key=lambda r: r["event_time"]):
+        sessions.setdefault(r["session_id"], []).append(r["item_id"])
     assert sorted(sessions.values()) == [["a", "b"], ["c", "d"], ["e"], ["f"]]
-    assert len({r.event_id for r in events}) == 6 and len({r.user_id for r in events}) == 1
+    assert len({r["event_id"] for r in events}) == 6 and len({r["user_id"] for r in events}) == 1
+    # The same rows in another order (as another partitioning would deliver them) give the same events.
+    again = clean.deduplicated_sessions(table.take(pa.array([6, 5, 4, 3, 2, 1, 0])), 30 * 60, 2, b"k").to_pylist()
+    assert sorted(again, key=lambda r: r["event_id"]) == sorted(events, key=lambda r: r["event_id"])
 
 
 def test_raw_files_dates_leave_out_impossible_times(cleaned, lake):
