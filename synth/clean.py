@@ -168,7 +168,8 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
 
 
 def _pseudonym(key: bytes, message: str, prefix: str) -> str:
-    return prefix + hmac.new(key, message.encode(), hashlib.sha256).hexdigest()[:32]
+    # hmac.digest is the one-shot OpenSSL call: a quarter of the time of hmac.new(...).hexdigest().
+    return prefix + hmac.digest(key, message.encode(), "sha256").hex()[:32]
 
 
 def event_ids(events):
