@@ -149,6 +149,7 @@ def read_parquet(uris: list[str], columns: list[str], partition_column: str | No
     file's path. Nothing but the files' own rows: every task reads just its share of a snapshot."""
     import datetime as dt
 
+    import numpy as np
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
@@ -158,12 +159,15 @@ def read_parquet(uris: list[str], columns: list[str], partition_column: str | No
         fs, path = pafs.FileSystem.from_uri(uri)
         table = pq.read_table(path, columns=[c for c in columns if c != partition_column], filesystem=fs)
         if partition_column is not None:
-            match = re.search(rf"(?:^|/){re.escape(partition_column)}=([^/]*)/", uri)
+            match = re.search(rf"(?:^|/){re.escape(partition_column)}=([^/]*)/", unquote(uri))
             if match is None:
                 raise ValueError(f"{uri}: no {partition_column}= folder in the path")
             text = unquote(match.group(1))
-            value = None if text == "__HIVE_DEFAULT_PARTITION__" else dt.date.fromisoformat(text)
-            table = table.append_column(partition_column, pa.array([value] * table.num_rows, pa.date32()))
+            if text == "__HIVE_DEFAULT_PARTITION__":
+                value = pa.nulls(table.num_rows, pa.date32())
+            else:
+                value = pa.array(np.full(table.num_rows, np.datetime64(dt.date.fromisoformat(text), "D"))).cast(pa.date32())
+            table = table.append_column(partition_column, value)
         tables.append(table.select(columns))
     return pa.concat_tables(tables)
 
