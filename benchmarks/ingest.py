@@ -309,6 +309,8 @@ def child_main(args: argparse.Namespace) -> int:
         "clean.max_quarantine_share": 0.5,
         "clean.pseudonym_key_file": str(Path(args.lake).parent / "bench-pseudonym.key"),
     }
+    if args.events_per_task:
+        overrides["spark.events_per_task"] = args.events_per_task
     cfg = config.load(overrides=overrides)
     setup_logging()
     me = os.getpid()
@@ -361,7 +363,8 @@ def run_master(args, master: str, tiles: Path, stamp: str, shuffle_partitions: i
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", "--master", master,
                "--input", str(tiles), "--lake", str(lake), "--result", str(result_path),
-               "--shuffle-partitions", str(shuffle_partitions), "--driver-memory", args.driver_memory]
+               "--shuffle-partitions", str(shuffle_partitions), "--driver-memory", args.driver_memory,
+               "--events-per-task", str(args.events_per_task)]
     if args.pin:
         available = sorted(os.sched_getaffinity(0))
         if cores_of(master) > len(available):
@@ -544,6 +547,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shuffle-partitions", type=int, default=0,
                         help="spark.shuffle_partitions (0 = one per ~250k events, even, at least 4)")
     parser.add_argument("--driver-memory", default="4g", help="spark.driver_memory [default: %(default)s]")
+    parser.add_argument("--events-per-task", type=int, default=0,
+                        help="spark.events_per_task, events per task of the Arrow steps (0 = the pipeline's default)")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Spark setting for the children (repeatable), e.g. spark.sql.adaptive.enabled=false")
     parser.add_argument("--sample-interval", type=float, default=0.5,
@@ -603,6 +608,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         "benchmark": "ingest", "tiled": True, "timestamp": stamp, "data": manifest,
         "shuffle_partitions": shuffle, "driver_memory": args.driver_memory, "conf": args.conf,
+        "events_per_task": args.events_per_task or None,
         "cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": load_end,
         "targets": {"events_per_s_per_core": TARGET_EVENTS_PER_CORE, "scaling_1_to_2": TARGET_SCALING},
         "runs": results, "ratio_2_over_1": scale,
