@@ -399,7 +399,7 @@ def session_tokens(sessions, contexts, window: int, edges: list[float], category
 
 
 def _token_windows(length: int, step: int, edges: list[float], vocabulary: dict[str, int]):
-    """The executor side of build_session_tokens: numpy over whole Arrow batches, no per-event Python."""
+    """The cutting of session_tokens: numpy over whole Arrow batches, no per-event Python."""
 
     def windows(batches):
         import numpy as np
