@@ -115,7 +115,6 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
     runs) gets exactly the sessions a full run would give it.
     """
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     order = ["user_id", "session_id", "event_date", "event_time", "event_type", "item_id", "price", "brand",

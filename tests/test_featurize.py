@@ -146,3 +146,13 @@ def test_user_profiles_count_activity_and_category_affinity():
     assert dict(profile["category_affinity"]) == {"c1": 0.75, "c2": 0.25}
     context = user_contexts(user_profiles(events, T0 + dt.timedelta(days=1)), {"c1": 4}).to_pylist()[0]
     assert context["user_category_idx"] == 4 and context["user_context"][3] == pytest.approx(0.25)
+
+
+def test_a_lake_without_events_gives_empty_feature_tables(spark, lake, make_cfg):
+    from schemas import contract
+    from synth.runner import run_stage
+
+    lake.write(spark.createDataFrame([], contract("events").spark_schema()), "events", app_id="clean:empty")
+    counts = run_stage("featurize", make_cfg(), spark, lake)
+    assert counts == {"items": 0, "sessions": 0, "sessions_written": 0, "users": 0, "token_windows": 0}
+    assert all(lake.read(t).df.count() == 0 for t in ("item_catalog", "sessions", "user_profiles", "session_tokens"))
