@@ -103,6 +103,23 @@ def hex_digits(*hashes):
     return pa.Array.from_buffers(pa.string(), len(big_endian), [None, pa.py_buffer(offsets), pa.py_buffer(text)])
 
 
+def same_as_previous(values):
+    """Per row of a sorted column: whether it holds the same value as the row before (null equals null;
+    row 0 never). Its negation marks the first row of each run of equal values."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    same = np.zeros(len(values), dtype=bool)
+    if len(values) > 1:
+        here, before = values.slice(1), values.slice(0, len(values) - 1)
+        equal = pc.or_(pc.fill_null(pc.equal(here, before), False), pc.and_(pc.is_null(here), pc.is_null(before)))
+        same[1:] = equal.to_numpy(zero_copy_only=False)
+    return same
+
+
 def range_bucket(hashes, n: int):
     """Bucket 0..n-1 of each hash, in hash order: bucket k holds the k-th n-th of the hash range, so
     sorting within buckets and concatenating them in bucket order sorts by hash whatever n is."""

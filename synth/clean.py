@@ -121,20 +121,13 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
              "category", "category_path", "source_file"]
     rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in order], null_placement="at_start"))
 
-    def same_as_previous(column: str) -> np.ndarray:
-        """Row i holds the same value as row i - 1 (null equals null; row 0 never)."""
-        values = rows.column(column).combine_chunks()
-        same = np.zeros(len(values), dtype=bool)
-        if len(values) > 1:
-            here, before = values.slice(1), values.slice(0, len(values) - 1)
-            equal = pc.or_(pc.fill_null(pc.equal(here, before), False), pc.and_(pc.is_null(here), pc.is_null(before)))
-            same[1:] = equal.to_numpy(zero_copy_only=False)
-        return same
+    def same_as_previous(*columns: str) -> np.ndarray:
+        """Rows equal to the row before them in all `columns` (null equals null)."""
+        return np.logical_and.reduce([_arrow.same_as_previous(rows.column(c)) for c in columns])
 
-    same_group = same_as_previous("user_id") & same_as_previous("session_id") & same_as_previous("event_date")
-    duplicate = same_group.copy()
-    for column in ("event_time", "event_type", "item_id", "price", "brand", "category", "category_path"):
-        duplicate &= same_as_previous(column)
+    same_group = same_as_previous("user_id", "session_id", "event_date")
+    duplicate = same_group & same_as_previous("event_time", "event_type", "item_id", "price", "brand", "category",
+                                              "category_path")
     seconds = rows.column("event_time").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False) // 1_000_000
     gap = np.diff(seconds, prepend=seconds[:1])
     gap_start = same_group & rows.column("session_id").is_null().to_numpy(zero_copy_only=False) & (gap > gap_seconds)

@@ -107,11 +107,7 @@ def item_statistics(table):
     def sorted_by_item(rows: pa.Table, order: list[tuple[str, str]]) -> tuple[pa.Table, np.ndarray]:
         """The rows sorted by item, then `order`, and a mask of each item's first row."""
         rows = rows.take(pc.sort_indices(rows, sort_keys=[("item_id", "ascending"), *order]))
-        items = rows.column("item_id").combine_chunks()
-        first = np.ones(len(items), dtype=bool)
-        if len(items) > 1:
-            first[1:] = pc.not_equal(items.slice(1), items.slice(0, len(items) - 1)).to_numpy(zero_copy_only=False)
-        return rows, first
+        return rows, ~_arrow.same_as_previous(rows.column("item_id"))
 
     def first_per_item(rows: pa.Table, order: list[tuple[str, str]], column: str) -> pa.Table:
         rows, first = sorted_by_item(rows, order)
@@ -276,9 +272,7 @@ def sessions_of(events, holdout_percent: int):
         ("session_id", "ascending"), ("event_time", "ascending"), ("event_id", "ascending")]))
     session = events.column("session_id").combine_chunks()
     n = len(session)
-    starts = np.ones(n, dtype=bool)
-    if n > 1:
-        starts[1:] = pc.not_equal(session.slice(1), session.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    starts = ~_arrow.same_as_previous(session)
     first = np.flatnonzero(starts)
     offsets = pa.array(np.append(first, n).astype(np.int32))
 
@@ -334,9 +328,7 @@ def user_profiles(events, latest):
     counts = counts.take(pc.sort_indices(counts, sort_keys=[
         ("user_id", "ascending"), ("event_time_count", "descending"), ("category", "ascending")]))
     users = counts.column("user_id").combine_chunks()
-    starts = np.ones(len(users), dtype=bool)
-    if len(users) > 1:
-        starts[1:] = pc.not_equal(users.slice(1), users.slice(0, len(users) - 1)).to_numpy(zero_copy_only=False)
+    starts = ~_arrow.same_as_previous(users)
     group = np.cumsum(starts) - 1
     first = np.flatnonzero(starts)
     rank = np.arange(len(users)) - first[group]

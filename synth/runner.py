@@ -43,6 +43,11 @@ class StageContext:
     def app_id(self) -> str:
         return f"{self.stage}:{self.run_id}"
 
+    @property
+    def _metadata(self) -> dict[str, str]:
+        """What every commit of this stage run records about itself."""
+        return {"synth.run_id": self.run_id, "synth.stage": self.stage}
+
     def read(self, table: str, version: int | None = None) -> Snapshot:
         """Read `table` pinned at one version, recorded in the ledger as this stage's input."""
         snapshot = self.lake.read(table, version)
@@ -50,15 +55,13 @@ class StageContext:
         return snapshot
 
     def write(self, df: DataFrame, table: str, replace: dict[str, str] | None = None) -> Commit:
-        commit = self.lake.write(df, table, app_id=self.app_id, replace=replace,
-                                 metadata={"synth.run_id": self.run_id, "synth.stage": self.stage})
+        commit = self.lake.write(df, table, app_id=self.app_id, replace=replace, metadata=self._metadata)
         self.output_versions[table] = commit.version
         return commit
 
     def commit_files(self, writer: ArrowWriter, adds: list[dict], replace: dict[str, str] | None = None) -> Commit:
         """Commit what an Arrow stage's executors wrote with `writer` (see Lake.arrow_writer)."""
-        commit = self.lake.commit_files(writer, adds, app_id=self.app_id, replace=replace,
-                                        metadata={"synth.run_id": self.run_id, "synth.stage": self.stage})
+        commit = self.lake.commit_files(writer, adds, app_id=self.app_id, replace=replace, metadata=self._metadata)
         self.output_versions[writer.table] = commit.version
         return commit
 
