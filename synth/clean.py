@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from synth import _arrow
-from synth.lake import ADD_ACTIONS_DDL
 from synth.simulate import simulate
 from synth.sources import InputFile, list_input_files, read_source
 
@@ -38,7 +38,6 @@ _CANONICAL = ("event_time", "event_type", "user_id", "session_id", "item_id", "c
               "brand", "price")
 
 
-_CACHE_COMPRESSED = "spark.sql.inMemoryColumnarStorage.compressed"
 # Changes whenever the same input and options would give other events (ids, sessions), so that the
 # next run rebuilds every date instead of mixing old and new rows.
 _EVENTS_VERSION = 2
@@ -63,45 +62,100 @@ def pseudonym_key(cfg) -> bytes:
     return path.read_text().strip().encode()
 
 
+def _time_bounds(cfg) -> tuple[dt.datetime, dt.datetime]:
+    """The plausible event times: from clean.time_floor to a day after now (UTC)."""
+    floor = dt.datetime.fromisoformat(str(cfg.clean.time_floor))
+    floor = floor if floor.tzinfo else floor.replace(tzinfo=dt.timezone.utc)
+    return floor, dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
+
+
 def _plausible(event_time: Column, cfg) -> Column:
-    # The bound is a literal: Spark adds the interval to current_timestamp() on every row (2 us each).
-    latest = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
-    return (event_time >= F.lit(str(cfg.clean.time_floor)).cast("timestamp")) & (event_time <= F.lit(latest))
+    # Literal bounds: Spark would add an interval to current_timestamp() on every row (2 us each).
+    floor, latest = _time_bounds(cfg)
+    return (event_time >= F.lit(floor)) & (event_time <= F.lit(latest))
 
 
-def _checked(rows: DataFrame, cfg, price_required: bool = True) -> DataFrame:
-    """Name the first rule each raw row breaks (reason null = valid), with a detail for the reader.
+@dataclass(frozen=True)
+class Rules:
+    """What the row checks need to know (plain values: they travel to the executors)."""
 
-    Sources without prices (YOOCHOOSE, DIGINETICA, ...) pass price_required=False: a missing price is
-    then expected, while a price that is there must still be sane.
+    floor_us: int
+    latest_us: int
+    max_price: float | int  # as configured, so that details print it as written
+    price_required: bool  # False for sources without prices: a missing price is expected there
+    bot_max_events_per_hour: int
+
+    @classmethod
+    def of(cls, cfg, price_required: bool) -> "Rules":
+        floor, latest = _time_bounds(cfg)
+        micros = lambda t: round(t.timestamp() * 1_000_000)  # noqa: E731
+        return cls(micros(floor), micros(latest), cfg.clean.max_price, price_required,
+                   int(cfg.clean.bot_max_events_per_hour))
+
+
+def checked(raw, rules: Rules):
+    """Raw rows (sources.SOURCE_COLUMNS, a pyarrow Table) typed and judged: `reason` names the first rule
+    each row breaks (null = valid) and `detail` says what was found; returns the canonical fields,
+    source_file, raw_line, event_date, reason and detail.
+
+    Events without an item (searches) keep neither item nor price. event_date is null for impossible
+    times: their odd dates would tie unrelated files together in raw_files.
     """
-    needs_item = F.col("event_type") != F.lit("search")
-    price = F.col("price_raw").try_cast("double")
-    reason_detail = [
-        (F.col("malformed").isNotNull(), "malformed_line", F.col("malformed")),
-        (F.col("event_time_raw").isNull(), "missing_time", F.lit("no event time")),
-        (F.col("event_time").isNull(), "bad_timestamp",
-         F.concat(F.lit("unparseable time '"), F.col("event_time_raw"), F.lit("'"))),
-        (~_plausible(F.col("event_time"), cfg), "impossible_timestamp",
-         F.concat(F.lit("time "), F.col("event_time_raw"), F.lit(" is before the floor or in the future"))),
-        (F.col("event_type").isNull(), "unknown_event_type",
-         F.concat(F.lit("event type '"), F.coalesce(F.col("event_type_raw"), F.lit("")), F.lit("'"))),
-        (F.col("user_id").isNull(), "missing_user", F.lit("no user id")),
-        (F.col("needs_item") & F.col("item_id").isNull(), "missing_item", F.lit("no item id")),
-        (F.col("needs_item") & F.col("price_value").isNull()
-         & (F.lit(price_required) | F.col("price_raw").isNotNull()), "bad_price",
-         F.concat(F.lit("unparseable price '"), F.coalesce(F.col("price_raw"), F.lit("")), F.lit("'"))),
-        (F.col("needs_item") & ((F.col("price_value") <= 0) | (F.col("price_value") > cfg.clean.max_price)),
-         "bad_price", F.concat(F.lit("price "), F.col("price_raw"), F.lit(f" is not in (0, {cfg.clean.max_price}]"))),
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = raw.num_rows
+
+    def column(name):
+        return raw.column(name).combine_chunks() if raw.column(name).num_chunks else pa.nulls(n, raw.schema.field(name).type)
+
+    def text(*parts):
+        return pc.binary_join_element_wise(*[pa.scalar(p) if isinstance(p, str) else p for p in parts], "")
+
+    def flag(condition) -> np.ndarray:
+        return pc.fill_null(condition, False).to_numpy(zero_copy_only=False)
+
+    event_time = column("event_time").cast(pa.timestamp("us", "UTC"))
+    micros = event_time.cast(pa.int64())
+    event_type, price_raw = column("event_type"), column("price_raw")
+    needs_item = flag(pc.not_equal(event_type, "search")) | event_type.is_null().to_numpy(zero_copy_only=False)
+    number = pc.match_substring_regex(price_raw, r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+    price = pc.if_else(pc.fill_null(number, False), price_raw, pa.scalar(None, pa.string())).cast(pa.float64())
+    plausible = flag(pc.and_(pc.greater_equal(micros, rules.floor_us), pc.less_equal(micros, rules.latest_us)))
+    time_raw, type_raw = column("event_time_raw"), column("event_type_raw")
+    price_text = pc.fill_null(price_raw, "")
+    rules_in_order = [
+        (flag(column("malformed").is_valid()), "malformed_line", column("malformed")),
+        (flag(time_raw.is_null()), "missing_time", "no event time"),
+        (flag(event_time.is_null()), "bad_timestamp", text("unparseable time '", time_raw, "'")),
+        (~plausible, "impossible_timestamp", text("time ", time_raw, " is before the floor or in the future")),
+        (flag(event_type.is_null()), "unknown_event_type", text("event type '", pc.fill_null(type_raw, ""), "'")),
+        (flag(column("user_id").is_null()), "missing_user", "no user id"),
+        (needs_item & flag(column("item_id").is_null()), "missing_item", "no item id"),
+        (needs_item & flag(price.is_null()) & (rules.price_required | flag(price_raw.is_valid())), "bad_price",
+         text("unparseable price '", price_text, "'")),
+        (needs_item & ~flag(pc.and_(pc.greater(price, 0), pc.less_equal(price, rules.max_price)))
+         & flag(price.is_valid()), "bad_price", text("price ", price_text, f" is not in (0, {rules.max_price}]")),
     ]
-    reason = F.lit(None).cast("string")
-    detail = F.lit(None).cast("string")
-    for condition, code, text in reversed(reason_detail):
-        reason = F.when(condition, F.lit(code)).otherwise(reason)
-        detail = F.when(condition, text).otherwise(detail)
-    return (rows.withColumn("needs_item", F.coalesce(needs_item, F.lit(True)))
-            .withColumn("price_value", price)
-            .withColumn("reason", reason).withColumn("detail", detail))
+    reason = pa.nulls(n, pa.string())
+    detail = pa.nulls(n, pa.string())
+    for broken, code, what in reversed(rules_in_order):
+        if broken.any():
+            mask = pa.array(broken)
+            reason = pc.if_else(mask, code, reason)
+            detail = pc.if_else(mask, what, detail)
+    impossible = flag(pc.equal(reason, "impossible_timestamp"))
+    event_date = pc.if_else(pa.array(impossible), pa.scalar(None, pa.date32()), event_time.cast(pa.date32()))
+    keep_item = pa.array(needs_item)
+    return pa.table({
+        "event_time": event_time, "event_type": event_type, "user_id": column("user_id"),
+        "session_id": column("session_id"),
+        "item_id": pc.if_else(keep_item, column("item_id"), pa.scalar(None, pa.string())),
+        "category": column("category"), "category_path": column("category_path"),
+        "brand": pc.utf8_lower(column("brand")),
+        "price": pc.if_else(keep_item, price, pa.scalar(None, pa.float64())),
+        "source_file": column("source_file"), "raw_line": column("raw_line"), "event_date": event_date,
+        "reason": reason, "detail": detail})
 
 
 def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: bytes):
@@ -175,15 +229,93 @@ def event_ids(events):
     return _arrow.hex_digits(*_arrow.combined_hashes([events.column(c) for c in _CANONICAL], events.num_rows))
 
 
-def _sessionizer(gap_seconds: int, max_session_events: int, key: bytes, writer):
-    """The executor side of the events write: a partition's whole (user, date) groups sessionized and
-    written as Parquet; yields the files' add actions."""
+def bot_peaks(valid, limit: int):
+    """Per valid row: the most events its user made in one hour of its date, where that is above
+    `limit` (a bot-like user), else null. Rows hold whole (user, date) groups."""
+    import pyarrow.compute as pc
+
+    hour = pc.divide(valid.column("event_time").cast(pa.int64()), 3_600_000_000)
+    hours = (pa.table({"user_id": valid.column("user_id"), "event_date": valid.column("event_date"), "hour": hour})
+             .group_by(["user_id", "event_date", "hour"]).aggregate([([], "count_all")]))
+    busy = hours.filter(pc.greater(hours.column("count_all"), limit))
+    if not busy.num_rows:
+        return pa.nulls(valid.num_rows, pa.int64())
+    peaks = busy.group_by(["user_id", "event_date"]).aggregate([("count_all", "max")])
+    position = pa.table({"user_id": valid.column("user_id"), "event_date": valid.column("event_date"),
+                         "row": pa.array(range(valid.num_rows), pa.int64())})
+    joined = position.join(peaks, ["user_id", "event_date"], join_type="inner")
+    peak = [None] * valid.num_rows
+    for row, value in zip(joined.column("row").to_pylist(), joined.column("count_all_max").to_pylist()):
+        peak[row] = value
+    return pa.array(peak, pa.int64())
+
+
+def _judge(rules: Rules, buckets: int, rows_per_chunk: int):
+    """The map side of the clean pass: raw rows checked and sent, with their verdict, to the bucket of
+    their (user, date), so that each bucket holds whole (user, date) groups."""
 
     def run(batches):
-        batches = [b for b in batches if b.num_rows]
-        if batches:
-            events = deduplicated_sessions(pa.Table.from_batches(batches), gap_seconds, max_session_events, key)
-            yield from writer.batches([events])
+        def emit(pending):
+            rows = checked(pa.Table.from_batches(pending), rules)
+            date = rows.column("event_date").cast(pa.int32())
+            key = _arrow.combined_hashes([rows.column("user_id"), date], rows.num_rows)[0]
+            for bucket, (kind, payload) in _arrow.by_bucket(rows, _arrow.range_bucket(key, buckets), buckets, "rows"):
+                yield pa.RecordBatch.from_pydict({"bucket": [bucket], "payload": [payload]}, _SHUFFLED)
+
+        pending, size = [], 0
+        for batch in batches:
+            if batch.num_rows:
+                pending.append(batch)
+                size += batch.num_rows
+            if size >= rows_per_chunk:
+                yield from emit(pending)
+                pending, size = [], 0
+        if pending:
+            yield from emit(pending)
+
+    return run
+
+
+_SHUFFLED = pa.schema([("bucket", pa.int32()), ("payload", pa.binary())])
+_SHUFFLED_DDL = "bucket int, payload binary"
+
+
+def _route(rules: Rules, gap_seconds: int, max_session_events: int, key: bytes, run_id: str, events_writer,
+           quarantine_writer):
+    """The reduce side of the clean pass: one bucket's rows to quarantine (rejected rows, and every row
+    of a bot-like user's date) or, deduplicated and sessionized, to events; both written as Parquet.
+    Yields one summary: the files' add actions and the counts the driver checks."""
+    import pyarrow.compute as pc
+
+    def run(partition):
+        rows = _arrow.from_ipc(_arrow.payloads_of(partition).get("rows", []))
+        if rows is None:
+            return
+        valid_rows = rows.column("reason").is_null()
+        counted = (pa.table({"source_file": rows.column("source_file"), "valid": valid_rows,
+                             "date": rows.column("event_date")})
+                   .group_by(["source_file", "valid", "date"]).aggregate([([], "count_all")]))
+        stats = list(zip(*[counted.column(c).to_pylist() for c in ("source_file", "valid", "date", "count_all")]))
+        quarantine = [rows.filter(pc.invert(valid_rows)).select(["reason", "detail", "source_file", "raw_line"])]
+        valid = rows.filter(valid_rows)
+        peak = bot_peaks(valid, rules.bot_max_events_per_hour)
+        bots = valid.filter(peak.is_valid())
+        if bots.num_rows:
+            detail = pc.binary_join_element_wise(
+                "user made ", peak.drop_null().cast(pa.string()),
+                f" events in one hour that day (limit {rules.bot_max_events_per_hour})", "")
+            quarantine.append(pa.table({"reason": pa.array(["bot_user"] * bots.num_rows), "detail": detail,
+                                        "source_file": bots.column("source_file"),
+                                        "raw_line": bots.column("raw_line")}))
+            valid = valid.filter(peak.is_null())
+        quarantine = pa.concat_tables(quarantine)
+        reasons = quarantine.group_by("reason").aggregate([([], "count_all")]).to_pylist()
+        quarantine = quarantine.append_column("run_id", pa.array([run_id] * quarantine.num_rows, pa.string()))
+        events = deduplicated_sessions(valid.select([*_CANONICAL, "source_file", "event_date"]), gap_seconds,
+                                       max_session_events, key)
+        yield {"stats": stats, "reasons": {r["reason"]: r["count_all"] for r in reasons},
+               "events": events_writer([events]) if events.num_rows else [],
+               "quarantine": quarantine_writer([quarantine]) if quarantine.num_rows else []}
 
     return run
 
@@ -215,23 +347,17 @@ def _fingerprint(cfg, key: bytes) -> str:
     return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _file_stats(rows: DataFrame) -> list:
-    """One small aggregation serving both the row accounting and the file ledger: rows per source file,
-    validity and event date."""
-    return rows.groupBy("source_file", F.col("reason").isNull().alias("valid"),
-                        F.col("event_date").alias("date")).count().collect()
-
-
 def _file_dates(stats: list) -> dict[str, tuple[list[dt.date], int]]:
-    """Per source file: the UTC dates its rows could be events of, and its row count."""
+    """Per source file: the UTC dates its rows could be events of, and its row count, from the counts
+    (source_file, valid, date, rows)."""
     dates: dict[str, set] = {}
     rows: dict[str, int] = {}
-    for r in stats:
-        path = _listed(r.source_file)
+    for source_file, _, date, count in stats:
+        path = _listed(source_file)
         dates.setdefault(path, set())
-        if r.date is not None:
-            dates[path].add(r.date)
-        rows[path] = rows.get(path, 0) + r["count"]
+        if date is not None:
+            dates[path].add(date)
+        rows[path] = rows.get(path, 0) + count
     return {path: (sorted(dates[path]), rows[path]) for path in dates}
 
 
@@ -271,10 +397,10 @@ def _plan(ctx, key: bytes) -> _Plan:
     # The dates the changed files feed now, and those they (or the removed files) fed before.
     dates = {d for r in previous if r.path not in present or r.path in files for d in r.event_dates}
     if files:
-        new_rows = read_source(spark, cfg, files=files).rows.select(
-            "source_file", F.lit(None).cast("string").alias("reason"),
-            F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time")).alias("event_date"))
-        dates |= {d for file_dates, _ in _file_dates(_file_stats(new_rows)).values() for d in file_dates}
+        new_rows = read_source(spark, cfg, files=files).rows.groupBy(
+            "source_file", F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time")).alias("date")).count()
+        stats = [(r.source_file, True, r.date, r["count"]) for r in new_rows.collect()]
+        dates |= {d for file_dates, _ in _file_dates(stats).values() for d in file_dates}
     # Unchanged files holding events of an affected date are read again, and their other dates then
     # count as affected too, until the set is closed.
     unchanged = [r for r in previous if r.path in present and r.path not in files and r.role == "feed"]
@@ -332,76 +458,48 @@ def run(ctx) -> dict[str, int]:
     if raw.missing_optional:
         log.warning("clean: the source has no %s; those event fields are null", raw.missing_optional)
         ctx.artifacts["missing_optional_fields"] = ",".join(raw.missing_optional)
-    checked = _checked(raw.rows, cfg, price_required="price" not in raw.missing_optional)
-    # Persisted as read by everything below: the row accounting, the bot verdicts, the quarantine and
-    # the events. Uncompressed unless the job sets otherwise: building the compressed column cache
-    # took longer than the parse itself (2.4 s against 1.8 s per 505k rows, 1.5 s uncompressed).
-    chosen = spark.conf.get(_CACHE_COMPRESSED, None)
-    if chosen is None:
-        spark.conf.set(_CACHE_COMPRESSED, "false")
-    try:
-        typed = checked.select(
-            "source_file", "raw_line", "reason", "detail",
-            # Null for impossible times (the only rows with a time whose first broken rule is the time):
-            # their odd dates would tie unrelated files together in raw_files.
-            F.when(F.coalesce(F.col("reason") != "impossible_timestamp", F.lit(True)),
-                   F.to_date("event_time")).alias("event_date"),
-            "event_time", "event_type", "user_id", "session_id",
-            F.when(F.col("needs_item"), F.col("item_id")).alias("item_id"), "category", "category_path",
-            F.lower(F.col("brand")).alias("brand"),
-            F.when(F.col("needs_item"), F.col("price_value")).alias("price")).persist()
-    finally:
-        if chosen is None:
-            spark.conf.unset(_CACHE_COMPRESSED)
-    stats = _file_stats(typed)
-    valid_count = sum(r["count"] for r in stats if r.valid)
-    raw_count = sum(r["count"] for r in stats)
+    rules = Rules.of(cfg, price_required="price" not in raw.missing_optional)
+    # One task per input split on both sides (the RDD default), in whole rounds over the cores.
+    cores = max(1, spark.sparkContext.defaultParallelism)
+    tasks = cores * max(1, math.ceil(raw.rows.rdd.getNumPartitions() / cores))
+    events_writer = ctx.lake.arrow_writer("events")
+    quarantine_writer = ctx.lake.arrow_writer("quarantine")
+    judged = (raw.rows.mapInArrow(_judge(rules, tasks, cfg.spark.events_per_task), _SHUFFLED_DDL).rdd
+              .map(lambda r: (r.bucket, ("rows", r.payload))))
+    summaries = _arrow.shuffled(judged, tasks).mapPartitions(_route(
+        rules, cfg.clean.session_gap_minutes * 60, cfg.clean.max_session_events, key, ctx.run_id,
+        events_writer, quarantine_writer)).collect()
+    stats = [row for s in summaries for row in s["stats"]]
+    by_reason: dict[str, int] = {}
+    for s in summaries:
+        for reason, count in s["reasons"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + count
+    raw_count = sum(count for *_, count in stats)
+    valid_count = sum(count for _, valid, _, count in stats if valid)
+    event_adds = [a for s in summaries for a in s["events"]]
     if raw_count == 0 and plan.full:
         raise ValueError(f"no raw rows in {cfg.input.path} (only headers or blank lines?)")
 
-    valid = typed.where(F.col("reason").isNull()).drop("reason", "detail")
-    limit = cfg.clean.bot_max_events_per_hour
-    # Persisted: the quarantine and the events both need the verdicts, computed once.
-    bots = (valid.groupBy("user_id", "event_date", F.date_trunc("hour", "event_time").alias("hour")).count()
-            .where(F.col("count") > limit).groupBy("user_id", "event_date").agg(F.max("count").alias("peak"))
-            .persist())
-    flagged = valid.join(F.broadcast(bots), ["user_id", "event_date"], "left")
-    # Every row of a bot-like user on that date, its exact copies included, is quarantined with its raw
-    # text. Per date, not for ever: a date re-processed alone must get the same verdict.
-    bot_rows = flagged.where(F.col("peak").isNotNull()).select(
-        F.lit("bot_user").alias("reason"),
-        F.format_string(f"user made %d events in one hour that day (limit {limit})", F.col("peak")).alias("detail"),
-        "source_file", "raw_line")
-    quarantine = (typed.where(F.col("reason").isNotNull()).select("reason", "detail", "source_file", "raw_line")
-                  .unionByName(bot_rows).withColumn("run_id", F.lit(ctx.run_id)))
-    commit = ctx.write(quarantine, "quarantine", replace={"run_id": ctx.run_id})
-    quarantined = commit.rows
-    by_reason = {r.reason: r["count"] for r in ctx.lake.read("quarantine", commit.version).df
-                 .where(F.col("run_id") == ctx.run_id).groupBy("reason").count().collect()}
-    if raw_count != valid_count + quarantined - by_reason.get("bot_user", 0):
-        raise RuntimeError(f"row accounting does not add up: {raw_count} raw rows, {valid_count} valid, "
-                           f"{quarantined} quarantined ({by_reason.get('bot_user', 0)} of them valid bot rows)")
-    share = quarantined / max(raw_count, 1)
-    if share > cfg.clean.max_quarantine_share:
-        raise QuarantineThresholdExceeded(
-            f"{quarantined} of {raw_count} raw rows ({100 * share:.1f}%) were quarantined, above "
-            f"clean.max_quarantine_share = {cfg.clean.max_quarantine_share}; events were not written. "
-            f"Inspect: SELECT reason, count(*) FROM delta.`{ctx.lake.uri('quarantine')}` "
-            f"WHERE run_id = '{ctx.run_id}' GROUP BY reason")
-
-    # Whole (user, date) groups per task, deduplicated, sessionized and written in Arrow.
-    rows = flagged.where(F.col("peak").isNull()).select(*_CANONICAL, "source_file", "event_date")
-    tasks = _arrow.task_count(spark.sparkContext, valid_count - by_reason.get("bot_user", 0),
-                              cfg.spark.events_per_task)
-    writer = ctx.lake.arrow_writer("events")
-    sessionize = _sessionizer(cfg.clean.session_gap_minutes * 60, cfg.clean.max_session_events, key, writer)
-    adds = rows.repartition(tasks, "user_id", "event_date").mapInArrow(sessionize, ADD_ACTIONS_DDL).collect()
+    try:
+        quarantined = ctx.commit_files(quarantine_writer, [a for s in summaries for a in s["quarantine"]],
+                                       replace={"run_id": ctx.run_id}).rows
+        if raw_count != valid_count + quarantined - by_reason.get("bot_user", 0):
+            raise RuntimeError(f"row accounting does not add up: {raw_count} raw rows, {valid_count} valid, "
+                               f"{quarantined} quarantined ({by_reason.get('bot_user', 0)} of them valid bot rows)")
+        share = quarantined / max(raw_count, 1)
+        if share > cfg.clean.max_quarantine_share:
+            raise QuarantineThresholdExceeded(
+                f"{quarantined} of {raw_count} raw rows ({100 * share:.1f}%) were quarantined, above "
+                f"clean.max_quarantine_share = {cfg.clean.max_quarantine_share}; events were not committed. "
+                f"Inspect: SELECT reason, count(*) FROM delta.`{ctx.lake.uri('quarantine')}` "
+                f"WHERE run_id = '{ctx.run_id}' GROUP BY reason")
+    except Exception:
+        events_writer.discard(event_adds)
+        raise
     replace = None if plan.full else {"event_date": [d.isoformat() for d in plan.dates]}
-    clean_count = ctx.commit_files(writer, [r.asDict() for r in adds], replace=replace).rows
+    clean_count = ctx.commit_files(events_writer, event_adds, replace=replace).rows
     if plan.inventory is not None:
         ctx.write(_raw_files(ctx, plan, _file_dates(stats)), "raw_files")
-    typed.unpersist()
-    bots.unpersist()
     duplicates = valid_count - by_reason.get("bot_user", 0) - clean_count
 
     skipped = {f"skipped_{r.kind}_lines": r["count"] for r in raw.skipped.groupBy("kind").count().collect()}

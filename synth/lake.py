@@ -260,6 +260,14 @@ class ArrowWriter:
         """As batches, the add actions as dicts."""
         return [row for actions in self.batches(tables) for row in actions.to_pylist()]
 
+    def discard(self, adds: list[dict]) -> None:
+        """Delete files written but never committed (their run failed before the commit)."""
+        import pyarrow.fs as pafs
+
+        fs, base = pafs.FileSystem.from_uri(self.target)
+        for add in adds:
+            fs.delete_file(f"{base}/{add['path']}")
+
 
 def _replacing(table: str, replace) -> tuple[Contract, dict[str, list[str]]]:
     spec = contract(table)
