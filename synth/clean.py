@@ -27,7 +27,7 @@ import pyarrow as pa
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from synth import _arrow
+from synth import _arrow, _csv
 from synth.simulate import simulate
 from synth.sources import InputFile, list_input_files, read_source
 
@@ -250,16 +250,21 @@ def bot_peaks(valid, limit: int):
     return pa.array(peak, pa.int64())
 
 
+def _judged(rows, rules: Rules, buckets: int):
+    """Shuffle records of raw rows: checked, then sent with their verdict to the bucket of their (user,
+    date), so that each bucket holds whole (user, date) groups."""
+    rows = checked(rows, rules)
+    date = rows.column("event_date").cast(pa.int32())
+    key = _arrow.combined_hashes([rows.column("user_id"), date], rows.num_rows)[0]
+    yield from _arrow.by_bucket(rows, _arrow.range_bucket(key, buckets), buckets, "rows")
+
+
 def _judge(rules: Rules, buckets: int, rows_per_chunk: int):
-    """The map side of the clean pass: raw rows checked and sent, with their verdict, to the bucket of
-    their (user, date), so that each bucket holds whole (user, date) groups."""
+    """_judged over the Arrow batches of Spark's raw rows (mapInArrow), in chunks of rows_per_chunk rows."""
 
     def run(batches):
         def emit(pending):
-            rows = checked(pa.Table.from_batches(pending), rules)
-            date = rows.column("event_date").cast(pa.int32())
-            key = _arrow.combined_hashes([rows.column("user_id"), date], rows.num_rows)[0]
-            for bucket, (kind, payload) in _arrow.by_bucket(rows, _arrow.range_bucket(key, buckets), buckets, "rows"):
+            for bucket, (_, payload) in _judged(pa.Table.from_batches(pending), rules, buckets):
                 yield pa.RecordBatch.from_pydict({"bucket": [bucket], "payload": [payload]}, _SHUFFLED)
 
         pending, size = [], 0
@@ -276,6 +281,18 @@ def _judge(rules: Rules, buckets: int, rows_per_chunk: int):
     return run
 
 
+def _read_and_judge(rules: Rules, buckets: int):
+    """_judged over the raw rows the Arrow CSV reader reads for one task, plus its skipped-line counts."""
+
+    def produce(task):
+        rows, skipped = _csv.read_task(task)
+        if rows is not None:
+            yield from _judged(rows, rules, buckets)
+        yield 0, ("skipped", skipped)
+
+    return produce
+
+
 _SHUFFLED = pa.schema([("bucket", pa.int32()), ("payload", pa.binary())])
 _SHUFFLED_DDL = "bucket int, payload binary"
 
@@ -288,8 +305,14 @@ def _route(rules: Rules, gap_seconds: int, max_session_events: int, key: bytes, 
     import pyarrow.compute as pc
 
     def run(partition):
-        rows = _arrow.from_ipc(_arrow.payloads_of(partition).get("rows", []))
+        payloads = _arrow.payloads_of(partition)
+        skipped: dict[str, int] = {}
+        for counts in payloads.get("skipped", []):
+            for kind, count in counts.items():
+                skipped[kind] = skipped.get(kind, 0) + count
+        rows = _arrow.from_ipc(payloads.get("rows", []))
         if rows is None:
+            yield {"stats": [], "reasons": {}, "events": [], "quarantine": [], "skipped": skipped}
             return
         valid_rows = rows.column("reason").is_null()
         counted = (pa.table({"source_file": rows.column("source_file"), "valid": valid_rows,
@@ -313,7 +336,7 @@ def _route(rules: Rules, gap_seconds: int, max_session_events: int, key: bytes, 
         quarantine = quarantine.append_column("run_id", pa.array([run_id] * quarantine.num_rows, pa.string()))
         events = deduplicated_sessions(valid.select([*_CANONICAL, "source_file", "event_date"]), gap_seconds,
                                        max_session_events, key)
-        yield {"stats": stats, "reasons": {r["reason"]: r["count_all"] for r in reasons},
+        yield {"stats": stats, "reasons": {r["reason"]: r["count_all"] for r in reasons}, "skipped": skipped,
                "events": events_writer([events]) if events.num_rows else [],
                "quarantine": quarantine_writer([quarantine]) if quarantine.num_rows else []}
 
@@ -361,6 +384,33 @@ def _file_dates(stats: list) -> dict[str, tuple[list[dt.date], int]]:
     return {path: (sorted(dates[path]), rows[path]) for path in dates}
 
 
+def _event_dates(spark, cfg, files: set[str]) -> list:
+    """(source_file, True, date, rows) of `files`' raw rows: the dates they would give events of."""
+    raw = read_source(spark, cfg, files=files)
+    if raw.rows is not None:
+        counted = raw.rows.groupBy(
+            "source_file", F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time")).alias("date")).count()
+        return [(r.source_file, True, r.date, r["count"]) for r in counted.collect()]
+    floor, latest = (round(t.timestamp() * 1_000_000) for t in _time_bounds(cfg))
+
+    def dates(tasks):
+        import pyarrow.compute as pc
+
+        for task in tasks:
+            rows, _ = _csv.read_task(task)
+            if rows is None:
+                continue
+            micros = rows.column("event_time").cast(pa.int64())
+            plausible = pc.and_(pc.greater_equal(micros, floor), pc.less_equal(micros, latest))
+            date = pc.if_else(plausible, rows.column("event_time").cast(pa.date32()), pa.scalar(None, pa.date32()))
+            counted = (pa.table({"source_file": rows.column("source_file"), "date": date})
+                       .group_by(["source_file", "date"]).aggregate([([], "count_all")]))
+            yield from zip(counted.column("source_file").to_pylist(), [True] * counted.num_rows,
+                           counted.column("date").to_pylist(), counted.column("count_all").to_pylist())
+
+    return spark.sparkContext.parallelize(raw.tasks, max(1, len(raw.tasks))).mapPartitions(dates).collect()
+
+
 def _listed(path: str) -> str:
     """A row's source_file (file:/x) in the form file listings use (file:///x)."""
     return "file://" + path[len("file:"):] if path.startswith("file:/") and not path.startswith("file://") else path
@@ -397,10 +447,7 @@ def _plan(ctx, key: bytes) -> _Plan:
     # The dates the changed files feed now, and those they (or the removed files) fed before.
     dates = {d for r in previous if r.path not in present or r.path in files for d in r.event_dates}
     if files:
-        new_rows = read_source(spark, cfg, files=files).rows.groupBy(
-            "source_file", F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time")).alias("date")).count()
-        stats = [(r.source_file, True, r.date, r["count"]) for r in new_rows.collect()]
-        dates |= {d for file_dates, _ in _file_dates(stats).values() for d in file_dates}
+        dates |= {d for file_dates, _ in _file_dates(_event_dates(spark, cfg, files)).values() for d in file_dates}
     # Unchanged files holding events of an affected date are read again, and their other dates then
     # count as affected too, until the set is closed.
     unchanged = [r for r in previous if r.path in present and r.path not in files and r.role == "feed"]
@@ -460,12 +507,17 @@ def run(ctx) -> dict[str, int]:
         ctx.artifacts["missing_optional_fields"] = ",".join(raw.missing_optional)
     rules = Rules.of(cfg, price_required="price" not in raw.missing_optional)
     # One task per input split on both sides (the RDD default), in whole rounds over the cores.
-    cores = max(1, spark.sparkContext.defaultParallelism)
-    tasks = cores * max(1, math.ceil(raw.rows.rdd.getNumPartitions() / cores))
+    sc = spark.sparkContext
+    cores = max(1, sc.defaultParallelism)
+    splits = len(raw.tasks) if raw.rows is None else raw.rows.rdd.getNumPartitions()
+    tasks = cores * max(1, math.ceil(splits / cores))
     events_writer = ctx.lake.arrow_writer("events")
     quarantine_writer = ctx.lake.arrow_writer("quarantine")
-    judged = (raw.rows.mapInArrow(_judge(rules, tasks, cfg.spark.events_per_task), _SHUFFLED_DDL).rdd
-              .map(lambda r: (r.bucket, ("rows", r.payload))))
+    if raw.rows is None:
+        judged = _arrow.records(sc, raw.tasks, _read_and_judge(rules, tasks))
+    else:
+        judged = (raw.rows.mapInArrow(_judge(rules, tasks, cfg.spark.events_per_task), _SHUFFLED_DDL).rdd
+                  .map(lambda r: (r.bucket, ("rows", r.payload))))
     summaries = _arrow.shuffled(judged, tasks).mapPartitions(_route(
         rules, cfg.clean.session_gap_minutes * 60, cfg.clean.max_session_events, key, ctx.run_id,
         events_writer, quarantine_writer)).collect()
@@ -502,7 +554,13 @@ def run(ctx) -> dict[str, int]:
         ctx.write(_raw_files(ctx, plan, _file_dates(stats)), "raw_files")
     duplicates = valid_count - by_reason.get("bot_user", 0) - clean_count
 
-    skipped = {f"skipped_{r.kind}_lines": r["count"] for r in raw.skipped.groupBy("kind").count().collect()}
+    if raw.skipped is None:
+        skipped = {}
+        for s in summaries:
+            for kind, count in s["skipped"].items():
+                skipped[f"skipped_{kind}_lines"] = skipped.get(f"skipped_{kind}_lines", 0) + count
+    else:
+        skipped = {f"skipped_{r.kind}_lines": r["count"] for r in raw.skipped.groupBy("kind").count().collect()}
     log.info("clean: quarantined %.2f%% of raw rows, by reason %s", 100 * share, by_reason)
     if not plan.full:
         files_read = len(plan.files)

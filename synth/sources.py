@@ -19,6 +19,7 @@ import copy
 import csv
 import datetime as dt
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,8 @@ import yaml
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
+
+from synth._csv import CsvFeed, Piece, arrow_time_format
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,7 @@ ENCODINGS = {"utf-8": "UTF-8", "utf8": "UTF-8", "iso-8859-1": "ISO-8859-1", "lat
              "latin1": "ISO-8859-1", "us-ascii": "US-ASCII", "ascii": "US-ASCII"}
 MAX_TREE_DEPTH = 32
 _SKIPPED_SCHEMA = "source_file string, kind string"
+_SPLIT_BYTES = 64 << 20  # uncompressed files are cut into ranges of at most this many bytes
 
 _FILE_KEYS = {"files", "format", "delimiter", "header", "columns", "encoding", "nulls", "table", "optional"}
 _FEED_KEYS = _FILE_KEYS | {"fields", "time_format", "time_offset_ms", "event_types", "required", "description"}
@@ -58,10 +62,14 @@ class SourceError(ValueError):
 
 @dataclass
 class RawInput:
-    rows: DataFrame  # SOURCE_COLUMNS
-    skipped: DataFrame  # source_file, kind: lines that are not rows (header, blank, out_of_range)
+    """The raw rows: read by Spark (`rows`, `skipped`), or, for CSV feeds the Arrow reader takes, as
+    `tasks` for _csv.read_task (each task's rows and skipped-line counts, in Arrow on an executor)."""
+
+    rows: DataFrame | None  # SOURCE_COLUMNS
+    skipped: DataFrame | None  # source_file, kind: lines that are not rows (header, blank, out_of_range)
     extra_columns: list[str] = field(default_factory=list)  # source columns present but unused
     missing_optional: list[str] = field(default_factory=list)  # optional canonical fields the source lacks
+    tasks: list | None = None
 
 
 @dataclass(frozen=True)
@@ -470,8 +478,10 @@ def _missing_required_error(src: _Files, files: list[str], required: list[str], 
         f"{header_line[:200]!r} gives the columns {names[:30]}.{hint}")
 
 
-def _read_csv(spark: SparkSession, src: _Files, files: list[str], wanted: list[str], required: set[str],
-              wanted_for: dict[str, str], limits: _Limits) -> _Records:
+def _header_groups(spark: SparkSession, src: _Files, files: list[str], wanted: list[str], required: set[str],
+                   wanted_for: dict[str, str]) -> tuple[list[tuple[list[str], str | None, list[str]]], set, set]:
+    """The files by header line, as (column names, header line, files); the wanted columns missing from
+    some file and the columns no one wants. Fails naming the file when a required column is missing."""
     groups: dict[str | None, list[str]] = defaultdict(list)
     if src.header:
         empty = []
@@ -485,8 +495,7 @@ def _read_csv(spark: SparkSession, src: _Files, files: list[str], wanted: list[s
             log.warning("%s: %s is empty", src.where, file)
     else:
         groups[None] = list(files)
-    parts, skips = [], []
-    missing, extra = set(), set()
+    named, missing, extra = [], set(), set()
     for header_line, group in groups.items():
         names = _header_names(header_line, src.delimiter) if header_line is not None else list(src.columns)
         absent = [w for w in wanted if w not in names]
@@ -498,6 +507,15 @@ def _read_csv(spark: SparkSession, src: _Files, files: list[str], wanted: list[s
         if absent or len(groups) > 1:
             log.info("%s: %d file(s) with columns %s%s", src.where, len(group), names,
                      f"; missing optional {absent}" if absent else "")
+        named.append((names, header_line, group))
+    return named, missing, extra
+
+
+def _read_csv(spark: SparkSession, src: _Files, files: list[str], wanted: list[str], required: set[str],
+              wanted_for: dict[str, str], limits: _Limits) -> _Records:
+    groups, missing, extra = _header_groups(spark, src, files, wanted, required, wanted_for)
+    parts, skips = [], []
+    for names, header_line, group in groups:
         rows, skipped = _csv_group(spark, src, group, names, header_line, wanted, limits)
         parts.append(rows)
         skips.append(skipped)
@@ -709,9 +727,8 @@ def _parse_time(raw: Column, time_format: str) -> Column:
     return F.try_to_timestamp(raw, F.lit(time_format))
 
 
-def _feed_rows(spark: SparkSession, feed: _Feed, limits: _Limits):
-    """(rows in SOURCE_COLUMNS, skipped, missing canonical fields, extra columns), or, when there are no
-    rows to read, the number of (empty) files found."""
+def _wanted_columns(feed: _Feed) -> tuple[list[str], dict[str, str], set[str]]:
+    """The source columns a feed reads, the field each is read for, and the required ones."""
     wanted: list[str] = []
     wanted_for: dict[str, str] = {}
     required: set[str] = set()
@@ -729,6 +746,18 @@ def _feed_rows(spark: SparkSession, feed: _Feed, limits: _Limits):
         wanted_for.setdefault(offset, "event_time offset")
         if "event_time" in feed.required:
             required.add(offset)
+    return wanted, wanted_for, required
+
+
+def _missing_fields(feed: _Feed, missing_columns: set[str]) -> set[str]:
+    return {name for name in RAW_COLUMNS
+            if name not in feed.fields or not _spec_available(feed.fields[name], feed.fields, missing_columns)}
+
+
+def _feed_rows(spark: SparkSession, feed: _Feed, limits: _Limits):
+    """(rows in SOURCE_COLUMNS, skipped, missing canonical fields, extra columns), or, when there are no
+    rows to read, the number of (empty) files found."""
+    wanted, wanted_for, required = _wanted_columns(feed)
     _check_time_format(spark, feed)
     records = _read_records(spark, feed, wanted, required, wanted_for, limits)
     if records.df is None:
@@ -753,8 +782,7 @@ def _feed_rows(spark: SparkSession, feed: _Feed, limits: _Limits):
         *[canonical[name].alias(name) for name in ("item_id", "category", "category_path", "brand")],
         canonical["price"].alias("price_raw"), canonical["user_id"].alias("user_id"),
         canonical["session_id"].alias("session_id"))
-    missing = {name for name in RAW_COLUMNS
-               if name not in feed.fields or not _spec_available(feed.fields[name], feed.fields, records.missing)}
+    missing = _missing_fields(feed, records.missing)
     log.info("%s: %d file(s)%s%s", feed.where, records.files,
              f"; missing fields {sorted(missing)}" if missing else "",
              f"; unused columns {sorted(records.extra)}" if records.extra else "")
@@ -852,14 +880,85 @@ def _date_bound(value: Any, key: str) -> dt.date | None:
         raise SourceError(f"{key} must be a date YYYY-MM-DD, not {value!r}") from None
 
 
+def _status(spark: SparkSession, path: str):
+    """Hadoop's FileStatus of a file (size, modification time), through the JVM."""
+    hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(path)
+    return hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).getFileStatus(hadoop_path)
+
+
+def _compressed(spark: SparkSession, path: str) -> bool:
+    jvm = spark.sparkContext._jvm
+    factory = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(spark.sparkContext._jsc.hadoopConfiguration())
+    return factory.getCodec(jvm.org.apache.hadoop.fs.Path(path)) is not None
+
+
+def _on_arrow(feed: _Feed) -> bool:
+    """Whether the Arrow CSV reader takes this feed (else Spark's readers do)."""
+    return feed.format == "csv" and not feed.time_offset_ms and arrow_time_format(feed.time_format) is not None
+
+
+def _arrow_feed(spark: SparkSession, feed: _Feed, limits: _Limits, first: dt.date | None, last: dt.date | None):
+    """(the feed as a _csv.CsvFeed, its pieces with their sizes, missing canonical fields, extra columns), or,
+    when there are no rows to read, the number of (empty) files found."""
+    wanted, wanted_for, required = _wanted_columns(feed)
+    files = _only(_list_files(spark, limits.path, feed.files), limits)
+    if not files:
+        return 0
+    groups, missing, extra = _header_groups(spark, feed, files, wanted, required, wanted_for)
+    if not groups:
+        return len(files)
+    csv_feed = CsvFeed(
+        where=feed.where, delimiter=feed.delimiter, encoding=feed.encoding, nulls=tuple(feed.nulls),
+        groups=tuple((tuple(names), header) for names, header, _ in groups), wanted=tuple(wanted),
+        fields=dict(feed.fields), time_format=arrow_time_format(feed.time_format),
+        event_types=dict(feed.event_types), max_line_chars=limits.max_line_chars,
+        max_field_chars=limits.max_field_chars, first=first, last=last)
+    pieces = []
+    for index, (_, _, group) in enumerate(groups):
+        for path in group:
+            size = _status(spark, path).getLen()
+            # Rows name their file as Spark's file scans do (file:/x), listings as file:///x.
+            source_file = "file:" + path[len("file://"):] if path.startswith("file:///") else path
+            if _compressed(spark, path):
+                pieces.append((Piece(path, source_file, 0, None, index), size))
+            else:
+                pieces += [(Piece(path, source_file, start, min(start + _SPLIT_BYTES, size), index),
+                            min(_SPLIT_BYTES, size - start)) for start in range(0, size, _SPLIT_BYTES)]
+    log.info("%s: %d file(s), read in Arrow%s%s", feed.where, len(files),
+             f"; missing fields {sorted(_missing_fields(feed, missing))}" if _missing_fields(feed, missing) else "",
+             f"; unused columns {sorted(extra)}" if extra else "")
+    return csv_feed, pieces, _missing_fields(feed, missing), extra
+
+
+def _arrow_tasks(spark: SparkSession, feeds: list) -> list:
+    """Pieces of (CsvFeed, pieces) packed into tasks of about Spark's file split size: at most
+    spark.sql.files.maxPartitionBytes, and smaller when that leaves cores idle (as Spark sizes its splits)."""
+    conf = spark._jsparkSession.sessionState().conf()
+    total = sum(size for _, pieces in feeds for _, size in pieces)
+    cores = max(1, spark.sparkContext.defaultParallelism)
+    target = min(conf.filesMaxPartitionBytes(), max(conf.filesOpenCostInBytes(), math.ceil(total / cores)))
+    tasks, current, filled = [], [], 0
+    for csv_feed, pieces in feeds:
+        for piece, size in pieces:
+            if current and filled + size > target:
+                tasks.append(current)
+                current, filled = [], 0
+            if current and current[-1][0] is csv_feed:
+                current[-1][1].append(piece)
+            else:
+                current.append((csv_feed, [piece]))
+            filled += size + conf.filesOpenCostInBytes()
+    if current:
+        tasks.append(current)
+    return tasks
+
+
 def list_input_files(spark: SparkSession, cfg) -> list[InputFile] | None:
     """Every file the adapter of `cfg.input.source` would read, with size and modification time; None
     when a feed or lookup reads a table (Delta or catalog), whose changes files cannot describe."""
     _, feeds, lookups = resolve_spec(cfg)
     if any(src.format in ("delta", "table") for src in (*feeds, *lookups)):
         return None
-    jvm = spark.sparkContext._jvm
-    conf = spark.sparkContext._jsc.hadoopConfiguration()
     found: dict[str, InputFile] = {}
     for role, sources in (("feed", feeds), ("lookup", lookups)):
         for src in sources:
@@ -868,8 +967,7 @@ def list_input_files(spark: SparkSession, cfg) -> list[InputFile] | None:
             except AnalysisException:  # no file matches the glob
                 paths = []
             for path in paths:
-                hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-                status = hadoop_path.getFileSystem(conf).getFileStatus(hadoop_path)
+                status = _status(spark, path)
                 modified = dt.datetime.fromtimestamp(status.getModificationTime() / 1000, dt.timezone.utc)
                 found.setdefault(path, InputFile(path, status.getLen(), modified, role))
     return sorted(found.values(), key=lambda f: f.path)
@@ -890,10 +988,11 @@ def read_source(spark: SparkSession, cfg, files: set[str] | None = None) -> RawI
     if first and last and first > last:
         raise SourceError(f"input.from_date {first} is after input.to_date {last}")
 
+    arrow = not lookups and all(_on_arrow(feed) for feed in feeds)
     parts, skips, missing, extra = [], [], set(), set()
     empty_files = 0
     for feed in feeds:
-        result = _feed_rows(spark, feed, limits)
+        result = _arrow_feed(spark, feed, limits, first, last) if arrow else _feed_rows(spark, feed, limits)
         if isinstance(result, int):
             empty_files += result
             if result:
@@ -907,11 +1006,14 @@ def read_source(spark: SparkSession, cfg, files: set[str] | None = None) -> RawI
                 log.info("%s: no files matching %r under %s", feed.where, feed.files, limits.path)
             continue
         rows, skipped, feed_missing, feed_extra = result
-        parts.append(rows)
-        if skipped is not None:
+        parts.append((rows, skipped) if arrow else rows)
+        if skipped is not None and not arrow:
             skips.append(skipped)
         missing |= {f for f in feed_missing if f not in feed.required}
         extra |= feed_extra
+    if arrow and (parts or files is not None):
+        return RawInput(None, None, sorted(extra), [f for f in RAW_COLUMNS if f in missing],
+                        tasks=_arrow_tasks(spark, parts))
     if not parts and files is not None:
         empty = spark.createDataFrame([], ", ".join(
             f"{c} {'timestamp' if c == 'event_time' else 'string'}" for c in SOURCE_COLUMNS))

@@ -1,0 +1,472 @@
+"""The Arrow CSV reader: delimited text files -> raw rows (sources.SOURCE_COLUMNS) as pyarrow Tables.
+
+It does what sources.py's Spark reader does for a CSV feed (the same rules, reason details and skipped
+line kinds) without Spark's row engine: a task reads its byte ranges of the files, finds the lines with
+numpy, splits the well-shaped ones with pyarrow's CSV parser and maps the columns onto the canonical
+fields with pyarrow.compute. Lines are read as Hadoop's text reader cuts them: a line belongs to the
+range its first byte is in, and ends at \\n, \\r\\n or \\r.
+
+Spark datetime patterns are translated to strptime formats; a feed whose pattern has no translation
+(or that needs a lookup or a time offset) stays on the Spark reader (see `arrow_time_format`).
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import datetime as dt
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+_FFFD = "\ufffd".encode()
+_SPARK_TO_STRPTIME = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
+_UNIX = {"unix_s": 6, "unix_ms": 3}  # digits of the fraction kept (Spark casts to decimal(30, 6) / (30, 3))
+_UNIX_LIMIT = {"unix_s": 10**11, "unix_ms": 10**14}
+
+
+def arrow_time_format(time_format: str) -> str | None:
+    """unix_s / unix_ms, or the strptime format of a Spark datetime pattern made of yyyy MM dd HH mm ss,
+    separators and quoted literals; None when the pattern has no exact translation."""
+    if time_format in _UNIX:
+        return time_format
+    if time_format == "timestamp":
+        return None
+    out, i = [], 0
+    while i < len(time_format):
+        if time_format[i] == "'":
+            end = time_format.find("'", i + 1)
+            if end < 0:
+                return None
+            out.append(time_format[i + 1:end].replace("%", "%%") or "'")
+            i = end + 1
+            continue
+        token = time_format[i:i + 4] if time_format[i:i + 4] == "yyyy" else time_format[i:i + 2]
+        if token in _SPARK_TO_STRPTIME:
+            out.append(_SPARK_TO_STRPTIME[token])
+            i += len(token)
+        elif time_format[i].isalpha():
+            return None
+        else:
+            out.append(time_format[i].replace("%", "%%"))
+            i += 1
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, end) of one file (end None: to the end; compressed files are read whole)."""
+
+    uri: str  # for pyarrow.fs (file:///x)
+    source_file: str  # as rows name their file (file:/x, like Spark's _metadata.file_path)
+    start: int
+    end: int | None
+    group: int  # index of the feed's header group
+
+
+@dataclass(frozen=True)
+class CsvFeed:
+    """Everything a task needs to turn a feed's pieces into raw rows (plain values: shipped to executors)."""
+
+    where: str
+    delimiter: str
+    encoding: str  # UTF-8, ISO-8859-1 or US-ASCII
+    nulls: tuple[str, ...]
+    groups: tuple[tuple[tuple[str, ...], str | None], ...]  # (column names, header line) per header group
+    wanted: tuple[str, ...]
+    fields: dict[str, Any]  # canonical field -> spec, as in sources.yaml
+    time_format: str  # unix_s, unix_ms or a strptime format
+    event_types: dict[str, str | None]
+    max_line_chars: int
+    max_field_chars: int
+    first: dt.date | None = None
+    last: dt.date | None = None
+    skipped: dict = field(default_factory=dict, compare=False)
+
+
+def read_pieces(feed: CsvFeed, pieces: list[Piece]):
+    """(raw rows in SOURCE_COLUMNS, {kind: count} of skipped lines) for `pieces` of `feed`'s files."""
+    import pyarrow as pa
+
+    tables, skipped = [], {}
+    for piece in pieces:
+        table, counts = _read_piece(feed, piece)
+        if table.num_rows:
+            tables.append(table)
+        for kind, count in counts.items():
+            skipped[kind] = skipped.get(kind, 0) + count
+    return (pa.concat_tables(tables) if tables else None), skipped
+
+
+def _bytes_of(piece: Piece) -> tuple[bytes, int]:
+    """The piece's bytes, from the byte before its start (which tells whether a line starts at `start`) to
+    the end of the line running past its end; and the offset of `start` in them."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(piece.uri)
+    if piece.end is None:
+        with fs.open_input_stream(path, compression="detect") as stream:
+            return stream.read(), 0
+    with fs.open_input_file(path) as f:
+        begin = max(piece.start - 1, 0)
+        f.seek(begin)
+        parts = [f.read(piece.end - begin)]
+        while True:
+            more = f.read(1 << 16)
+            cut = more.find(b"\n")
+            parts.append(more if cut < 0 else more[:cut + 1])
+            if not more or cut >= 0:
+                break
+        return b"".join(parts), piece.start - begin
+
+
+def _decoded(data: bytes, encoding: str) -> tuple[bytes, set[int] | None]:
+    """UTF-8 text, and for UTF-8 input the byte offsets where undecodable sequences were replaced."""
+    if encoding != "UTF-8":
+        return data.decode({"ISO-8859-1": "latin-1", "US-ASCII": "ascii"}[encoding], "replace").encode(), None
+    if data.isascii():
+        return data, None
+    try:
+        codecs.utf_8_decode(data, "strict", True)
+        return data, None
+    except UnicodeDecodeError:
+        pass
+    # Undecodable bytes: decode piece by piece to know where they were, replacing them with U+FFFD.
+    out, bad, position, length = [], set(), 0, 0
+    while position < len(data):
+        try:
+            out.append(data[position:])
+            data[position:].decode()
+            break
+        except UnicodeDecodeError as exc:
+            out[-1] = data[position:position + exc.start]
+            length += exc.start
+            bad.add(length)
+            out.append(_FFFD)
+            length += len(_FFFD)
+            position += exc.end
+    return b"".join(out), bad
+
+
+def _line_bounds(text: bytes):
+    """(starts, ends) of the lines of `text`, ends excluding the terminator (\\n, \\r\\n or \\r)."""
+    import numpy as np
+
+    buf = np.frombuffer(text, np.uint8)
+    newline = np.flatnonzero(buf == 10)
+    returns = np.flatnonzero(buf == 13)
+    if returns.size:
+        follows = returns + 1
+        lone = returns[(follows >= len(buf)) | (buf[np.minimum(follows, len(buf) - 1)] != 10)]
+        terminators = np.union1d(newline, lone)
+    else:
+        terminators = newline
+    starts = np.concatenate([[0], terminators + 1]).astype(np.int64)
+    ends = np.concatenate([terminators, [len(buf)]]).astype(np.int64)
+    if starts[-1] == len(buf):  # the text ends with a terminator
+        starts, ends = starts[:-1], ends[:-1]
+    if returns.size and len(ends):
+        before = np.maximum(ends - 1, 0)
+        crlf = (ends < len(buf)) & (buf[np.minimum(ends, len(buf) - 1)] == 10) & (ends > starts) & (buf[before] == 13)
+        ends = np.where(crlf, ends - 1, ends)
+    return starts, ends
+
+
+def _read_piece(feed: CsvFeed, piece: Piece):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    data, offset = _bytes_of(piece)
+    text, replaced = _decoded(data, feed.encoding)
+    starts, ends = _line_bounds(text)
+    if piece.end is not None:  # the lines whose first byte lies in this piece's range
+        owned = (starts >= offset) & (starts < offset + piece.end - piece.start)
+        starts, ends = starts[owned], ends[owned]
+    names, header = feed.groups[piece.group]
+    n = len(names)
+    buf = np.frombuffer(text, np.uint8)
+    offsets = np.empty(len(starts) + 1, np.int64)
+    offsets[:-1] = starts
+    offsets[-1] = ends[-1] if len(ends) else 0
+    # Each line's text with its terminator, then without: one array over the shared buffer.
+    with_terminator = pa.Array.from_buffers(pa.large_string(), len(starts), [None, pa.py_buffer(offsets), pa.py_buffer(text)])
+    lines = pc.utf8_rtrim(with_terminator, "\r\n") if len(starts) else pa.array([], pa.large_string())
+    stripped = pc.utf8_trim(lines, " ")
+    blank = _flag(pc.is_in(stripped, pa.array(["", "\ufeff"])))
+    is_header = np.zeros(len(starts), bool)
+    if header is not None:
+        clean_header = header.lstrip("\ufeff").strip()
+        is_header = _flag(pc.is_in(stripped, pa.array([clean_header, "\ufeff" + clean_header])))
+    skipped = {}
+    if blank.any():
+        skipped["blank"] = int(blank.sum())
+    if (is_header & ~blank).any():
+        skipped["header"] = int((is_header & ~blank).sum())
+    keep = ~(blank | is_header)
+    rows = np.flatnonzero(keep)
+    starts, ends, lines = starts[rows], ends[rows], lines.take(pa.array(rows))
+    count = len(rows)
+
+    # Shape problems, first one wins: undecodable text, NULs, an oversized line, the field count.
+    problem = [None] * count
+    lengths = ends - starts
+    nul = _positions_in(buf, starts, ends, 0)
+    fffd = _substring_rows(text, _FFFD, starts, ends)
+    for i in fffd:
+        if replaced is not None and any(starts[i] <= p < ends[i] for p in replaced):
+            problem[i] = ("undecodable bytes: the line is not valid UTF-8 (set the feed's encoding if the file "
+                          "uses another)")
+        elif feed.encoding == "UTF-8":
+            problem[i] = "contains U+FFFD replacement characters: the text was mis-decoded before it got here"
+    for i in nul:
+        if problem[i] is None:
+            problem[i] = "contains NUL bytes: UTF-16 text or binary data, not a text line"
+    long_lines = np.flatnonzero(lengths > feed.max_line_chars)
+    if long_lines.size:
+        chars = pc.utf8_length(lines.take(pa.array(long_lines))).to_numpy(zero_copy_only=False)
+        for i, c in zip(long_lines.tolist(), chars.tolist()):
+            if problem[i] is None and c > feed.max_line_chars:
+                problem[i] = f"line is {c} characters, above input.max_line_chars = {feed.max_line_chars}"
+    delimiter = ord(feed.delimiter)
+    fields = np.diff(np.searchsorted(np.flatnonzero(buf == delimiter), np.stack([starts, ends]), side="left"),
+                     axis=0)[0] + 1 if count else np.zeros(0, np.int64)
+    quoted = set(_positions_in(buf, starts, ends, ord('"')))
+    quoted_values = {}
+    for i in sorted(quoted):
+        if problem[i] is not None:
+            continue
+        line = lines[i].as_py()
+        fields[i] = len(re.sub(r'"[^"]*"', "", line).split(feed.delimiter))
+        if fields[i] == n:
+            parsed = next(csv.reader([line], delimiter=feed.delimiter), [])
+            quoted_values[i] = (parsed + [""] * n)[:n]
+    for i in np.flatnonzero(fields != n).tolist():
+        if problem[i] is None:
+            hint = " (wrong delimiter?)" if fields[i] == 1 and n > 1 else " (truncated line?)" if fields[i] < n else ""
+            problem[i] = (f"expected {n} fields separated by {_describe(feed.delimiter)}, found {fields[i]}{hint}")
+    bad = np.array([p is not None for p in problem], bool) if count else np.zeros(0, bool)
+    plain = np.flatnonzero(~bad & np.isin(np.arange(count), list(quoted_values), invert=True))
+
+    columns = _split(text, starts[plain], ends[plain], n, feed.delimiter)
+    quoted_rows = sorted(quoted_values)
+    # Row i's value: from the parsed plain lines, the quoted lines, or null (malformed).
+    index = np.full(count, -1, np.int64)
+    index[plain] = np.arange(len(plain))
+    index[quoted_rows] = len(plain) + np.arange(len(quoted_rows))
+    take = pa.array(index, mask=index < 0)
+    position = {}
+    for i, name in enumerate(names):
+        position.setdefault(name, i)
+    values = {}
+    for name in feed.wanted:
+        if name not in position:
+            values[name] = pa.nulls(count, pa.string())
+            continue
+        k = position[name]
+        merged = pa.concat_arrays([columns[k], pa.array([quoted_values[i][k] for i in quoted_rows], pa.string())])
+        values[name] = _clean_value(merged.take(take), feed.nulls)
+    for i, p in _oversized_fields(values, feed, problem):
+        problem[i] = p
+    malformed = pa.array(problem, pa.string())
+    source_file = pa.array([piece.source_file] * count, pa.string()) if count else pa.array([], pa.string())
+    table = _canonical(feed, source_file, lines.cast(pa.string()), malformed, values)
+    if feed.first or feed.last:
+        day = table.column("event_time").cast(pa.date32())
+        outside = np.zeros(count, bool)
+        if feed.first:
+            outside |= _flag(pc.less(day, pa.scalar(feed.first)))
+        if feed.last:
+            outside |= _flag(pc.greater(day, pa.scalar(feed.last)))
+        outside &= malformed.is_null().to_numpy(zero_copy_only=False)
+        if outside.any():
+            skipped["out_of_range"] = int(outside.sum())
+            table = table.filter(pa.array(~outside))
+    return table, skipped
+
+
+def _flag(condition):
+    import pyarrow.compute as pc
+
+    return pc.fill_null(condition, False).to_numpy(zero_copy_only=False)
+
+
+def _positions_in(buf, starts, ends, byte: int) -> list[int]:
+    """Lines (indexes into starts/ends) holding `byte`."""
+    import numpy as np
+
+    hits = np.flatnonzero(buf == byte)
+    if not hits.size or not len(starts):
+        return []
+    line = np.searchsorted(starts, hits, side="right") - 1
+    inside = (line >= 0) & (hits < ends[np.maximum(line, 0)])
+    return np.unique(line[inside]).tolist()
+
+
+def _substring_rows(text: bytes, needle: bytes, starts, ends) -> list[int]:
+    import numpy as np
+
+    hits, at = [], text.find(needle)
+    while at >= 0:
+        hits.append(at)
+        at = text.find(needle, at + 1)
+    if not hits:
+        return []
+    hits = np.array(hits)
+    line = np.searchsorted(starts, hits, side="right") - 1
+    inside = (line >= 0) & (hits < ends[np.maximum(line, 0)])
+    return np.unique(line[inside]).tolist()
+
+
+def _split(text: bytes, starts, ends, n: int, delimiter: str):
+    """The n string columns of well-shaped unquoted lines, parsed by pyarrow's CSV reader from one buffer
+    of just those lines."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    if not len(starts):
+        return [pa.array([], pa.string()) for _ in range(n)]
+    # Runs of consecutive lines are copied as one slice each (terminators included).
+    breaks = np.flatnonzero(starts[1:] != _next_start(text, ends[:-1])) + 1
+    run_starts = np.concatenate([[0], breaks])
+    run_ends = np.concatenate([breaks, [len(starts)]])
+    pieces = [text[starts[a]:ends[b - 1]] for a, b in zip(run_starts.tolist(), run_ends.tolist())]
+    names = [f"c{i}" for i in range(n)]
+    table = pcsv.read_csv(
+        pa.BufferReader(b"\n".join(pieces) + b"\n"),
+        read_options=pcsv.ReadOptions(column_names=names, use_threads=False, block_size=1 << 26),
+        parse_options=pcsv.ParseOptions(delimiter=delimiter, quote_char=False, newlines_in_values=False,
+                                        ignore_empty_lines=False),
+        convert_options=pcsv.ConvertOptions(column_types={c: pa.string() for c in names}, strings_can_be_null=False,
+                                            quoted_strings_can_be_null=False, check_utf8=False))
+    if table.num_rows != len(starts):
+        raise ValueError(f"CSV parse gave {table.num_rows} rows for {len(starts)} lines")
+    return [table.column(c).combine_chunks() for c in names]
+
+
+def _next_start(text: bytes, ends):
+    """Where the line after each line end starts (past \\r\\n, \\n or \\r)."""
+    import numpy as np
+
+    buf = np.frombuffer(text, np.uint8)
+    after = np.minimum(ends, len(buf) - 1)
+    crlf = (buf[after] == 13) & (buf[np.minimum(ends + 1, len(buf) - 1)] == 10) & (ends + 1 < len(buf))
+    return ends + 1 + crlf
+
+
+def _clean_value(values, nulls: tuple[str, ...]):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    trimmed = pc.utf8_trim(values, " ")
+    return pc.if_else(pc.fill_null(pc.is_in(trimmed, pa.array(["", *nulls], pa.string())), False),
+                      pa.scalar(None, pa.string()), trimmed)
+
+
+def _oversized_fields(values: dict, feed: CsvFeed, problem: list):
+    """(row, detail) for rows without another problem whose first too-long wanted column is named."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    found = {}
+    for name in feed.wanted:
+        column = values[name]
+        long = np.flatnonzero(_flag(pc.greater(pc.binary_length(column), feed.max_field_chars)))
+        if not long.size:
+            continue
+        chars = pc.utf8_length(column.take(long)).to_numpy(zero_copy_only=False)
+        for i, c in zip(long.tolist(), chars.tolist()):
+            if problem[i] is None and i not in found and c > feed.max_field_chars:
+                found[i] = (f"column {name!r} is {c} characters, above input.max_field_chars = "
+                            f"{feed.max_field_chars}")
+    return sorted(found.items())
+
+
+def _describe(delimiter: str) -> str:
+    return {"\t": "tab", " ": "space"}.get(delimiter, repr(delimiter))
+
+
+def _canonical(feed: CsvFeed, source_file, raw_line, malformed, values: dict):
+    """The raw rows: canonical fields from the feed's field specs, the time parsed, the event type mapped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    count = len(raw_line)
+    resolved: dict[str, Any] = {}
+
+    def evaluate(spec):
+        if isinstance(spec, str):
+            return values[spec]
+        if "value" in spec:
+            column = pa.array([None if spec["value"] is None else str(spec["value"])] * count, pa.string())
+        elif "column" in spec:
+            column = values[str(spec["column"])]
+        else:
+            column = resolved[spec["field"]]
+        if spec.get("prefix"):
+            column = pc.binary_join_element_wise(str(spec["prefix"]), column, "")
+        if "fallback" in spec:
+            column = pc.coalesce(column, evaluate(spec["fallback"]))
+        return column
+
+    pending = dict(feed.fields)
+    while pending:
+        ready = [name for name, spec in pending.items() if _references(spec) <= set(resolved)]
+        for name in ready:
+            resolved[name] = evaluate(pending.pop(name))
+    canonical = {name: resolved.get(name, pa.nulls(count, pa.string())) for name in
+                 ("event_time", "event_type", "item_id", "category", "category_path", "brand", "price", "user_id",
+                  "session_id")}
+    time_raw = canonical["event_time"]
+    type_raw = canonical["event_type"]
+    keys = list(feed.event_types)
+    mapped = pa.array([feed.event_types[k] for k in keys], pa.string())
+    where = pc.index_in(pc.utf8_lower(pc.utf8_trim(type_raw, " ")), pa.array(keys, pa.string()))
+    return pa.table({
+        "source_file": source_file, "raw_line": raw_line, "malformed": malformed,
+        "event_time_raw": time_raw, "event_time": _parse_time(time_raw, feed.time_format),
+        "event_type_raw": type_raw, "event_type": mapped.take(where),
+        "item_id": canonical["item_id"], "category": canonical["category"],
+        "category_path": canonical["category_path"], "brand": canonical["brand"], "price_raw": canonical["price"],
+        "user_id": canonical["user_id"], "session_id": canonical["session_id"]})
+
+
+def _references(spec) -> set[str]:
+    if isinstance(spec, str):
+        return set()
+    refs = {spec["field"]} if "field" in spec else set()
+    return refs | (_references(spec["fallback"]) if "fallback" in spec else set())
+
+
+def _parse_time(raw, time_format: str):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if time_format not in _UNIX:
+        return pc.strptime(raw, format=time_format, unit="us", error_is_null=True).cast(pa.timestamp("us", "UTC"))
+    digits = _UNIX[time_format]
+    parts = pc.extract_regex(raw, r"^(?P<sign>[+-]?)(?P<whole>[0-9]{1,18})(?:\.(?P<fraction>[0-9]*))?$")
+    whole = pc.struct_field(parts, [1]).cast(pa.int64())
+    fraction = pc.utf8_slice_codeunits(pc.utf8_rpad(pc.fill_null(pc.struct_field(parts, [2]), ""), digits, "0"), 0,
+                                       digits)
+    fraction = fraction.cast(pa.int64())
+    sign = pc.if_else(pc.equal(pc.struct_field(parts, [0]), "-"), -1, 1)
+    limit = _UNIX_LIMIT[time_format]
+    in_range = pc.less(whole, limit)
+    units = pc.multiply(pc.add(pc.multiply(whole, 10**digits), fraction), sign)
+    micros = pc.multiply(units, 10**(6 - digits))
+    return pc.if_else(in_range, micros, pa.scalar(None, pa.int64())).cast(pa.timestamp("us", "UTC"))
+
+
+def read_task(task: list[tuple[CsvFeed, list[Piece]]]):
+    """(raw rows, {kind: count} of skipped lines) of one task's pieces; rows None when there are none."""
+    import pyarrow as pa
+
+    tables, skipped = [], {}
+    for feed, pieces in task:
+        table, counts = read_pieces(feed, pieces)
+        if table is not None:
+            tables.append(table)
+        for kind, count in counts.items():
+            skipped[kind] = skipped.get(kind, 0) + count
+    return (pa.concat_tables(tables) if tables else None), skipped
