@@ -11,8 +11,9 @@ The stage computes in Arrow (synth._arrow), in two passes over the pinned `event
    previous catalogue meet in the item's bucket, which finishes the item's statistics and keeps its
    id or ranks it among the new items. Buckets are ranges of the item-id hash, so the new items of
    all buckets, taken in bucket order, are in hash order: their ids do not depend on the bucket count.
-2. Users. Events visit their item's bucket to pick up item_idx, then move to their user's bucket,
-   which builds the user's sessions, profile and token windows and writes them as Parquet.
+2. Users. Each task looks its events' item_idx up in the catalogue's ids (items, not events, are
+   broadcast) and sends the events to their user's bucket, which builds the user's sessions, profile
+   and token windows and writes them as Parquet.
 
 `sessions` is rewritten only for the event dates clean rebuilt since the last featurize run
 (sessions never cross UTC midnight); the catalogue, profiles and token windows are rewritten whole.
@@ -475,38 +476,23 @@ def gap_bucket(gap: Column, edges: list[float]) -> Column:
     return F.size(F.filter(F.array(*[F.lit(float(e)) for e in edges]), lambda edge: edge < gap))
 
 
-def _events_by_item(n: int):
-    """Map side of the user pass: events to their item's bucket, to meet the item's id."""
+def _events_by_user(n: int, catalog_ids):
+    """Map side of the user pass: events with their item_idx (from the broadcast (item_id, item_idx) of
+    the catalogue) to their user's bucket."""
 
     def produce(uris):
-        events = _arrow.read_parquet(uris, _EVENT_COLUMNS, "event_date")
-        yield from _arrow.by_bucket(events, _item_buckets(events, n), n, "events")
-
-    return produce
-
-
-def _to_user_buckets(n: int):
-    """The events of an item bucket, with item_idx, on to their user's bucket."""
-
-    def run(partition):
         import numpy as np
         import pyarrow.compute as pc
 
-        payloads = _arrow.payloads_of(partition)
-        events = _arrow.from_ipc(payloads.get("events", []))
-        if events is None:
-            return
-        catalog = _arrow.from_ipc(payloads.get("catalog", []))
-        if catalog is None:
-            item_idx = pa.nulls(events.num_rows, pa.int32())
-        else:
-            item_idx = catalog.column("item_idx").take(pc.index_in(events.column("item_id"),
-                                                                   value_set=catalog.column("item_id")))
+        events = _arrow.read_parquet(uris, _EVENT_COLUMNS, "event_date")
+        catalog = _arrow.from_ipc([catalog_ids.value])
+        item_idx = catalog.column("item_idx").take(pc.index_in(events.column("item_id"),
+                                                               value_set=catalog.column("item_id")))
         events = events.append_column("item_idx", item_idx)
         buckets = (_arrow.hash64(events.column("user_id")) % np.uint64(n)).astype(np.int64)
         yield from _arrow.by_bucket(events, buckets, n, "events")
 
-    return run
+    return produce
 
 
 def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int, window: int,
@@ -597,11 +583,11 @@ def run(ctx) -> dict[str, int]:
         else:
             log.info("featurize: no event dates changed since the last run; sessions stay as they are")
         ctx.artifacts["session_dates"] = "all" if dates is None else ",".join(dates)
-        catalog = items.map(lambda record: (record[0], ("catalog", _arrow.to_ipc(
-            vocabulary.catalog(record).select(["item_id", "item_idx"])))))
-        by_item = _arrow.records(sc, _arrow.file_groups(event_files, buckets), _events_by_item(buckets))
-        by_user = _arrow.shuffled(_arrow.shuffled(by_item.union(catalog), buckets).mapPartitions(
-            _to_user_buckets(buckets)), buckets)
+        # Items, not events, reach the driver: the ids every map task of the user pass looks events up in.
+        ids = items.map(lambda record: _arrow.to_ipc(vocabulary.catalog(record).select(["item_id", "item_idx"])))
+        catalog_ids = sc.broadcast(_arrow.to_ipc(_arrow.from_ipc(ids.collect())))
+        by_user = _arrow.shuffled(_arrow.records(sc, _arrow.file_groups(event_files, buckets),
+                                                 _events_by_user(buckets, catalog_ids)), buckets)
         writers = {table: ctx.lake.arrow_writer(table) for table in ("sessions", "user_profiles", "session_tokens")}
         log.info("featurize: user pass (sessions, profiles, token windows)")
         results = by_user.mapPartitions(_user_features(
@@ -609,6 +595,7 @@ def run(ctx) -> dict[str, int]:
             vocabulary.latest, token_files)).collect()
     finally:
         items.unpersist()
+    catalog_ids.destroy()
     written = {table: [add for name, add in results if name == table] for table in writers}
     sessions_written = 0
     if dates is None or dates:
