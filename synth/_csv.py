@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _FFFD = "\ufffd".encode()
+_BOM = "\ufeff".encode()
 _SPARK_TO_STRPTIME = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
 _UNIX = {"unix_s": 6, "unix_ms": 3}  # digits of the fraction kept (Spark casts to decimal(30, 6) / (30, 3))
 _UNIX_LIMIT = {"unix_s": 10**11, "unix_ms": 10**14}
@@ -90,7 +91,7 @@ def read_pieces(feed: CsvFeed, pieces: list[Piece]):
     tables, skipped = [], {}
     for piece in pieces:
         table, counts = _read_piece(feed, piece)
-        if table.num_rows:
+        if table is not None and table.num_rows:
             tables.append(table)
         for kind, count in counts.items():
             skipped[kind] = skipped.get(kind, 0) + count
@@ -152,19 +153,18 @@ def _line_bounds(text: bytes):
     import numpy as np
 
     buf = np.frombuffer(text, np.uint8)
-    newline = np.flatnonzero(buf == 10)
-    returns = np.flatnonzero(buf == 13)
-    if returns.size:
+    terminators = np.flatnonzero(buf == 10)
+    has_returns = text.find(b"\r") >= 0
+    if has_returns:
+        returns = np.flatnonzero(buf == 13)
         follows = returns + 1
         lone = returns[(follows >= len(buf)) | (buf[np.minimum(follows, len(buf) - 1)] != 10)]
-        terminators = np.union1d(newline, lone)
-    else:
-        terminators = newline
+        terminators = np.union1d(terminators, lone)
     starts = np.concatenate([[0], terminators + 1]).astype(np.int64)
     ends = np.concatenate([terminators, [len(buf)]]).astype(np.int64)
     if starts[-1] == len(buf):  # the text ends with a terminator
         starts, ends = starts[:-1], ends[:-1]
-    if returns.size and len(ends):
+    if has_returns and len(ends):
         before = np.maximum(ends - 1, 0)
         crlf = (ends < len(buf)) & (buf[np.minimum(ends, len(buf) - 1)] == 10) & (ends > starts) & (buf[before] == 13)
         ends = np.where(crlf, ends - 1, ends)
@@ -179,109 +179,131 @@ def _read_piece(feed: CsvFeed, piece: Piece):
     data, offset = _bytes_of(piece)
     text, replaced = _decoded(data, feed.encoding)
     starts, ends = _line_bounds(text)
+    all_lines = _all_lines(text, starts)
+    index = np.arange(len(starts))  # each kept line's position in all_lines
     if piece.end is not None:  # the lines whose first byte lies in this piece's range
         owned = (starts >= offset) & (starts < offset + piece.end - piece.start)
-        starts, ends = starts[owned], ends[owned]
+        starts, ends, index = starts[owned], ends[owned], index[owned]
     names, header = feed.groups[piece.group]
     n = len(names)
     buf = np.frombuffer(text, np.uint8)
-    offsets = np.empty(len(starts) + 1, np.int64)
-    offsets[:-1] = starts
-    offsets[-1] = ends[-1] if len(ends) else 0
-    # Each line's text with its terminator, then without: one array over the shared buffer.
-    with_terminator = pa.Array.from_buffers(pa.large_string(), len(starts), [None, pa.py_buffer(offsets), pa.py_buffer(text)])
-    lines = pc.utf8_rtrim(with_terminator, "\r\n") if len(starts) else pa.array([], pa.large_string())
-    stripped = pc.utf8_trim(lines, " ")
-    blank = _flag(pc.is_in(stripped, pa.array(["", "\ufeff"])))
-    is_header = np.zeros(len(starts), bool)
-    if header is not None:
-        clean_header = header.lstrip("\ufeff").strip()
-        is_header = _flag(pc.is_in(stripped, pa.array([clean_header, "\ufeff" + clean_header])))
-    skipped = {}
-    if blank.any():
-        skipped["blank"] = int(blank.sum())
-    if (is_header & ~blank).any():
-        skipped["header"] = int((is_header & ~blank).sum())
-    keep = ~(blank | is_header)
-    rows = np.flatnonzero(keep)
-    starts, ends, lines = starts[rows], ends[rows], lines.take(pa.array(rows))
-    count = len(rows)
+    skipped, keep = _skipped_lines(text, buf, starts, ends, header)
+    if not keep.all():
+        starts, ends, index = starts[keep], ends[keep], index[keep]
+    count = len(starts)
 
     # Shape problems, first one wins: undecodable text, NULs, an oversized line, the field count.
-    problem = [None] * count
-    lengths = ends - starts
-    nul = _positions_in(buf, starts, ends, 0)
-    fffd = _substring_rows(text, _FFFD, starts, ends)
-    for i in fffd:
+    problem: dict[int, str] = {}
+    for i in _substring_rows(text, _FFFD, starts, ends):
         if replaced is not None and any(starts[i] <= p < ends[i] for p in replaced):
             problem[i] = ("undecodable bytes: the line is not valid UTF-8 (set the feed's encoding if the file "
                           "uses another)")
         elif feed.encoding == "UTF-8":
             problem[i] = "contains U+FFFD replacement characters: the text was mis-decoded before it got here"
-    for i in nul:
-        if problem[i] is None:
-            problem[i] = "contains NUL bytes: UTF-16 text or binary data, not a text line"
-    long_lines = np.flatnonzero(lengths > feed.max_line_chars)
-    if long_lines.size:
-        chars = pc.utf8_length(lines.take(pa.array(long_lines))).to_numpy(zero_copy_only=False)
-        for i, c in zip(long_lines.tolist(), chars.tolist()):
-            if problem[i] is None and c > feed.max_line_chars:
-                problem[i] = f"line is {c} characters, above input.max_line_chars = {feed.max_line_chars}"
-    delimiter = ord(feed.delimiter)
-    fields = np.diff(np.searchsorted(np.flatnonzero(buf == delimiter), np.stack([starts, ends]), side="left"),
-                     axis=0)[0] + 1 if count else np.zeros(0, np.int64)
-    quoted = set(_positions_in(buf, starts, ends, ord('"')))
+    for i in _substring_rows(text, b"\x00", starts, ends):
+        problem.setdefault(i, "contains NUL bytes: UTF-16 text or binary data, not a text line")
+    for i in np.flatnonzero(ends - starts > feed.max_line_chars).tolist():
+        chars = len(text[starts[i]:ends[i]].decode())
+        if i not in problem and chars > feed.max_line_chars:
+            problem[i] = f"line is {chars} characters, above input.max_line_chars = {feed.max_line_chars}"
+    delimiters = np.flatnonzero(buf == ord(feed.delimiter))
+    fields = np.searchsorted(delimiters, ends) - np.searchsorted(delimiters, starts) + 1
     quoted_values = {}
-    for i in sorted(quoted):
-        if problem[i] is not None:
+    for i in _substring_rows(text, b'"', starts, ends):
+        if i in problem:
             continue
-        line = lines[i].as_py()
+        line = text[starts[i]:ends[i]].decode()
         fields[i] = len(re.sub(r'"[^"]*"', "", line).split(feed.delimiter))
         if fields[i] == n:
             parsed = next(csv.reader([line], delimiter=feed.delimiter), [])
             quoted_values[i] = (parsed + [""] * n)[:n]
     for i in np.flatnonzero(fields != n).tolist():
-        if problem[i] is None:
+        if i not in problem:
             hint = " (wrong delimiter?)" if fields[i] == 1 and n > 1 else " (truncated line?)" if fields[i] < n else ""
-            problem[i] = (f"expected {n} fields separated by {_describe(feed.delimiter)}, found {fields[i]}{hint}")
-    bad = np.array([p is not None for p in problem], bool) if count else np.zeros(0, bool)
-    plain = np.flatnonzero(~bad & np.isin(np.arange(count), list(quoted_values), invert=True))
+            problem[i] = f"expected {n} fields separated by {_describe(feed.delimiter)}, found {fields[i]}{hint}"
 
-    columns = _split(text, starts[plain], ends[plain], n, feed.delimiter)
-    quoted_rows = sorted(quoted_values)
-    # Row i's value: from the parsed plain lines, the quoted lines, or null (malformed).
-    index = np.full(count, -1, np.int64)
-    index[plain] = np.arange(len(plain))
-    index[quoted_rows] = len(plain) + np.arange(len(quoted_rows))
-    take = pa.array(index, mask=index < 0)
+    # Three kinds of rows, each a table of its own (row order does not matter downstream): lines split
+    # by pyarrow's parser, quoted lines split by Python's csv module, and malformed lines (no values).
+    special = np.zeros(count, bool)
+    special[list(problem) + list(quoted_values)] = True
+    plain = np.flatnonzero(~special)
+    quoted = sorted(quoted_values)
+    malformed_rows = sorted(problem)
     position = {}
     for i, name in enumerate(names):
         position.setdefault(name, i)
-    values = {}
-    for name in feed.wanted:
-        if name not in position:
-            values[name] = pa.nulls(count, pa.string())
+    parts = []
+    for rows, columns in ((plain, _split(text, starts[plain], ends[plain], n, feed.delimiter)),
+                          (quoted, [pa.array([quoted_values[i][k] for i in quoted], pa.string()) for k in range(n)])):
+        if not len(rows):
             continue
-        k = position[name]
-        merged = pa.concat_arrays([columns[k], pa.array([quoted_values[i][k] for i in quoted_rows], pa.string())])
-        values[name] = _clean_value(merged.take(take), feed.nulls)
-    for i, p in _oversized_fields(values, feed, problem):
-        problem[i] = p
-    malformed = pa.array(problem, pa.string())
-    source_file = pa.array([piece.source_file] * count, pa.string()) if count else pa.array([], pa.string())
-    table = _canonical(feed, source_file, lines.cast(pa.string()), malformed, values)
-    if feed.first or feed.last:
+        values = {name: _clean_value(columns[position[name]], feed.nulls) if name in position
+                  else pa.nulls(len(rows), pa.string()) for name in feed.wanted}
+        malformed = pa.array(_oversized_fields(values, feed, len(rows)), pa.string())
+        parts.append(_canonical(feed, piece.source_file, _lines(all_lines, index[rows]), malformed, values))
+    if malformed_rows:
+        values = {name: pa.nulls(len(malformed_rows), pa.string()) for name in feed.wanted}
+        parts.append(_canonical(feed, piece.source_file, _lines(all_lines, index[malformed_rows]),
+                                pa.array([problem[i] for i in malformed_rows], pa.string()), values))
+    table = pa.concat_tables(parts) if parts else None
+    if table is not None and (feed.first or feed.last):
         day = table.column("event_time").cast(pa.date32())
-        outside = np.zeros(count, bool)
+        outside = np.zeros(table.num_rows, bool)
         if feed.first:
             outside |= _flag(pc.less(day, pa.scalar(feed.first)))
         if feed.last:
             outside |= _flag(pc.greater(day, pa.scalar(feed.last)))
-        outside &= malformed.is_null().to_numpy(zero_copy_only=False)
+        outside &= table.column("malformed").is_null().to_numpy(zero_copy_only=False)
         if outside.any():
             skipped["out_of_range"] = int(outside.sum())
             table = table.filter(pa.array(~outside))
     return table, skipped
+
+
+def _skipped_lines(text: bytes, buf, starts, ends, header: str | None):
+    """({kind: count} of blank and header lines, mask of the other lines). Spark trims spaces only; only
+    lines that can be blank or the header (by their first byte) are compared."""
+    import numpy as np
+
+    first = buf[np.minimum(starts, max(len(buf) - 1, 0))] if len(buf) else np.zeros(len(starts), np.uint8)
+    empty = ends == starts
+    candidates = empty | (first == ord(" ")) | (first == 0xEF)
+    clean_header = header.lstrip("\ufeff").strip().encode() if header is not None else None
+    if clean_header:
+        candidates |= first == clean_header[0]
+    blank = np.zeros(len(starts), bool)
+    is_header = np.zeros(len(starts), bool)
+    for i in np.flatnonzero(candidates).tolist():
+        stripped = text[starts[i]:ends[i]].strip(b" ")
+        if stripped in (b"", _BOM):
+            blank[i] = True
+        elif clean_header is not None and stripped in (clean_header, _BOM + clean_header):
+            is_header[i] = True
+    skipped = {kind: int(mask.sum()) for kind, mask in (("blank", blank), ("header", is_header)) if mask.any()}
+    return skipped, ~(blank | is_header)
+
+
+def _all_lines(text: bytes, starts):
+    """Every line of `text` (starts from _line_bounds) as a string array: each line's bytes up to the next
+    line's start, less its terminator (a line's text never ends with \\r or \\n: those end lines)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    offsets = np.append(starts, len(text)).astype(np.int64)
+    with_terminators = pa.Array.from_buffers(pa.large_string(), len(starts),
+                                             [None, pa.py_buffer(offsets), pa.py_buffer(text)])
+    return pc.utf8_rtrim(with_terminators, "\r\n")
+
+
+def _lines(all_lines, index):
+    """The lines at `index` (positions in all_lines) as a string array."""
+    import numpy as np
+    import pyarrow as pa
+
+    if len(index) and index[-1] - index[0] + 1 == len(index) and np.all(np.diff(index) == 1):
+        return all_lines.slice(int(index[0]), len(index)).cast(pa.string())
+    return all_lines.take(pa.array(index, pa.int64())).cast(pa.string())
 
 
 def _flag(condition):
@@ -290,26 +312,15 @@ def _flag(condition):
     return pc.fill_null(condition, False).to_numpy(zero_copy_only=False)
 
 
-def _positions_in(buf, starts, ends, byte: int) -> list[int]:
-    """Lines (indexes into starts/ends) holding `byte`."""
-    import numpy as np
-
-    hits = np.flatnonzero(buf == byte)
-    if not hits.size or not len(starts):
-        return []
-    line = np.searchsorted(starts, hits, side="right") - 1
-    inside = (line >= 0) & (hits < ends[np.maximum(line, 0)])
-    return np.unique(line[inside]).tolist()
-
-
 def _substring_rows(text: bytes, needle: bytes, starts, ends) -> list[int]:
+    """Lines (indexes into starts/ends) holding `needle`."""
     import numpy as np
 
     hits, at = [], text.find(needle)
     while at >= 0:
         hits.append(at)
         at = text.find(needle, at + 1)
-    if not hits:
+    if not hits or not len(starts):
         return []
     hits = np.array(hits)
     line = np.searchsorted(starts, hits, side="right") - 1
@@ -363,12 +374,12 @@ def _clean_value(values, nulls: tuple[str, ...]):
                       pa.scalar(None, pa.string()), trimmed)
 
 
-def _oversized_fields(values: dict, feed: CsvFeed, problem: list):
-    """(row, detail) for rows without another problem whose first too-long wanted column is named."""
+def _oversized_fields(values: dict, feed: CsvFeed, count: int) -> list[str | None]:
+    """Per row: what names its first wanted column longer than input.max_field_chars, or None."""
     import numpy as np
     import pyarrow.compute as pc
 
-    found = {}
+    found: list[str | None] = [None] * count
     for name in feed.wanted:
         column = values[name]
         long = np.flatnonzero(_flag(pc.greater(pc.binary_length(column), feed.max_field_chars)))
@@ -376,22 +387,24 @@ def _oversized_fields(values: dict, feed: CsvFeed, problem: list):
             continue
         chars = pc.utf8_length(column.take(long)).to_numpy(zero_copy_only=False)
         for i, c in zip(long.tolist(), chars.tolist()):
-            if problem[i] is None and i not in found and c > feed.max_field_chars:
+            if found[i] is None and c > feed.max_field_chars:
                 found[i] = (f"column {name!r} is {c} characters, above input.max_field_chars = "
                             f"{feed.max_field_chars}")
-    return sorted(found.items())
+    return found
 
 
 def _describe(delimiter: str) -> str:
     return {"\t": "tab", " ": "space"}.get(delimiter, repr(delimiter))
 
 
-def _canonical(feed: CsvFeed, source_file, raw_line, malformed, values: dict):
+def _canonical(feed: CsvFeed, source_file: str, raw_line, malformed, values: dict):
     """The raw rows: canonical fields from the feed's field specs, the time parsed, the event type mapped."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     count = len(raw_line)
+    source_file = pa.DictionaryArray.from_arrays(np.zeros(count, np.int32), [source_file]).cast(pa.string())
     resolved: dict[str, Any] = {}
 
     def evaluate(spec):

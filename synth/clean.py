@@ -107,43 +107,58 @@ def checked(raw, rules: Rules):
     n = raw.num_rows
 
     def column(name):
-        return raw.column(name).combine_chunks() if raw.column(name).num_chunks else pa.nulls(n, raw.schema.field(name).type)
-
-    def text(*parts):
-        return pc.binary_join_element_wise(*[pa.scalar(p) if isinstance(p, str) else p for p in parts], "")
+        return raw.column(name) if raw.column(name).num_chunks else pa.chunked_array([pa.nulls(n, raw.schema.field(name).type)])
 
     def flag(condition) -> np.ndarray:
         return pc.fill_null(condition, False).to_numpy(zero_copy_only=False)
+
+    def text(*parts):
+        """A detail for the rows at `at`: literal strings and columns joined."""
+        def build(at):
+            if all(isinstance(p, str) for p in parts):
+                return pa.array(["".join(parts)] * len(at), pa.string())
+            return pc.binary_join_element_wise(*[p if isinstance(p, str) else p.take(at) for p in parts], "")
+        return build
 
     event_time = column("event_time").cast(pa.timestamp("us", "UTC"))
     micros = event_time.cast(pa.int64())
     event_type, price_raw = column("event_type"), column("price_raw")
     needs_item = flag(pc.not_equal(event_type, "search")) | event_type.is_null().to_numpy(zero_copy_only=False)
-    number = pc.match_substring_regex(price_raw, r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
-    price = pc.if_else(pc.fill_null(number, False), price_raw, pa.scalar(None, pa.string())).cast(pa.float64())
+    price = _prices(price_raw)
     plausible = flag(pc.and_(pc.greater_equal(micros, rules.floor_us), pc.less_equal(micros, rules.latest_us)))
     time_raw, type_raw = column("event_time_raw"), column("event_type_raw")
     price_text = pc.fill_null(price_raw, "")
     rules_in_order = [
-        (flag(column("malformed").is_valid()), "malformed_line", column("malformed")),
-        (flag(time_raw.is_null()), "missing_time", "no event time"),
+        (flag(column("malformed").is_valid()), "malformed_line", lambda at: column("malformed").take(at)),
+        (flag(time_raw.is_null()), "missing_time", text("no event time")),
         (flag(event_time.is_null()), "bad_timestamp", text("unparseable time '", time_raw, "'")),
         (~plausible, "impossible_timestamp", text("time ", time_raw, " is before the floor or in the future")),
         (flag(event_type.is_null()), "unknown_event_type", text("event type '", pc.fill_null(type_raw, ""), "'")),
-        (flag(column("user_id").is_null()), "missing_user", "no user id"),
-        (needs_item & flag(column("item_id").is_null()), "missing_item", "no item id"),
+        (flag(column("user_id").is_null()), "missing_user", text("no user id")),
+        (needs_item & flag(column("item_id").is_null()), "missing_item", text("no item id")),
         (needs_item & flag(price.is_null()) & (rules.price_required | flag(price_raw.is_valid())), "bad_price",
          text("unparseable price '", price_text, "'")),
         (needs_item & ~flag(pc.and_(pc.greater(price, 0), pc.less_equal(price, rules.max_price)))
          & flag(price.is_valid()), "bad_price", text("price ", price_text, f" is not in (0, {rules.max_price}]")),
     ]
-    reason = pa.nulls(n, pa.string())
-    detail = pa.nulls(n, pa.string())
-    for broken, code, what in reversed(rules_in_order):
-        if broken.any():
-            mask = pa.array(broken)
-            reason = pc.if_else(mask, code, reason)
-            detail = pc.if_else(mask, what, detail)
+    # The first rule each row breaks (-1: none); details are built for the rejected rows only.
+    first = np.full(n, -1, np.int64)
+    for k, (broken, _, _) in enumerate(rules_in_order):
+        first[(first < 0) & broken] = k
+    rejected = np.flatnonzero(first >= 0)
+    codes = pa.array([code for _, code, _ in rules_in_order], pa.string())
+    reason = pa.DictionaryArray.from_arrays(pa.array(first, mask=first < 0).cast(pa.int32()), codes).cast(pa.string())
+    details, slot = [], np.full(n, -1, np.int64)
+    for k, (_, _, describe) in enumerate(rules_in_order):
+        at = rejected[first[rejected] == k]
+        if at.size:
+            slot[at] = sum(len(d) for d in details) + np.arange(at.size)
+            details.append(describe(pa.array(at)).cast(pa.string()))
+    if details:
+        found = pa.chunked_array(details, pa.string()).combine_chunks()
+        detail = found.take(pa.array(slot, mask=slot < 0))
+    else:
+        detail = pa.nulls(n, pa.string())
     impossible = flag(pc.equal(reason, "impossible_timestamp"))
     event_date = pc.if_else(pa.array(impossible), pa.scalar(None, pa.date32()), event_time.cast(pa.date32()))
     keep_item = pa.array(needs_item)
@@ -156,6 +171,18 @@ def checked(raw, rules: Rules):
         "price": pc.if_else(keep_item, price, pa.scalar(None, pa.float64())),
         "source_file": column("source_file"), "raw_line": column("raw_line"), "event_date": event_date,
         "reason": reason, "detail": detail})
+
+
+def _prices(text):
+    """Prices parsed as numbers (null where a string is not a finite decimal number)."""
+    import pyarrow.compute as pc
+
+    try:
+        price = text.cast(pa.float64())
+    except pa.ArrowInvalid:  # some strings are not numbers: only those that look like one are parsed
+        number = pc.match_substring_regex(text, r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$")
+        price = pc.if_else(pc.fill_null(number, False), text, pa.scalar(None, pa.string())).cast(pa.float64())
+    return pc.if_else(pc.fill_null(pc.is_finite(price), False), price, pa.scalar(None, pa.float64()))
 
 
 def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: bytes):
