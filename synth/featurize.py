@@ -415,9 +415,11 @@ def _token_windows(length: int, step: int, edges: list[float], vocabulary: dict[
             inner[stream_start + total - 1] = False
 
             def stream(values: np.ndarray, bos: int, eos: int) -> np.ndarray:
-                out = np.full(total.sum(), eos, dtype=np.int32)
+                """The session streams end to end, then one PAD that every position past a stream's end reads."""
+                out = np.full(total.sum() + 1, eos, dtype=np.int32)
                 out[stream_start] = bos
-                out[inner] = values
+                out[:-1][inner] = values
+                out[-1] = PAD
                 return out
 
             def flat(column: str) -> pa.Array:
@@ -449,13 +451,12 @@ def _token_windows(length: int, step: int, edges: list[float], vocabulary: dict[
             rank = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
             start = np.minimum(rank * step, last[session])
             positions = start[:, None] + np.arange(length)[None, :]
-            inside = positions < total[session][:, None]
-            gather = np.where(inside, stream_start[session][:, None] + positions, 0)
+            pad = int(total.sum())  # the index of the streams' trailing PAD
+            gather = np.where(positions < total[session][:, None], stream_start[session][:, None] + positions, pad)
             offsets = pa.array(np.arange(len(session) + 1, dtype=np.int32) * length)
 
             def windowed(values: np.ndarray) -> pa.Array:
-                cut = np.where(inside, values[gather], PAD).astype(np.int32).ravel()
-                return pa.ListArray.from_arrays(offsets, pa.array(cut))
+                return pa.ListArray.from_arrays(offsets, pa.array(values[gather.ravel()]))
 
             take = pa.array(session)
             contexts = batch.column("user_context").take(take).cast(pa.list_(pa.float32()))
