@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import Column
 from pyspark.sql import functions as F
 
 from synth import _arrow, _csv
@@ -493,7 +493,7 @@ def _plan(ctx, key: bytes) -> _Plan:
     return plan
 
 
-def _raw_files(ctx, plan: _Plan, read: dict[str, tuple[list[dt.date], int]]) -> DataFrame:
+def _raw_files(ctx, plan: _Plan, read: dict[str, tuple[list[dt.date], int]]) -> list[dict]:
     """The new raw_files table: this run's files with what it read of them, the others unchanged."""
     rows = []
     kept = {r.path: r for r in plan.previous or []}
@@ -503,11 +503,11 @@ def _raw_files(ctx, plan: _Plan, read: dict[str, tuple[list[dt.date], int]]) -> 
             rows.append((f.path, f.size, f.modification_time, f.role, dates, count, plan.fingerprint, ctx.run_id))
         else:
             r = kept[f.path]
-            rows.append((r.path, r.size, r.modification_time, r.role, list(r.event_dates), r.rows,
-                         r.input_fingerprint, r.run_id))
-    return ctx.spark.createDataFrame(
-        rows, "path string, size long, modification_time timestamp, role string, event_dates array<date>, "
-              "rows long, input_fingerprint string, run_id string")
+            # Spark hands timestamps back as naive local times; astimezone reads them as such.
+            rows.append((r.path, r.size, r.modification_time.astimezone(dt.timezone.utc), r.role,
+                         list(r.event_dates), r.rows, r.input_fingerprint, r.run_id))
+    names = ("path", "size", "modification_time", "role", "event_dates", "rows", "input_fingerprint", "run_id")
+    return [dict(zip(names, row)) for row in rows]
 
 
 def run(ctx) -> dict[str, int]:
@@ -578,7 +578,7 @@ def run(ctx) -> dict[str, int]:
     replace = None if plan.full else {"event_date": [d.isoformat() for d in plan.dates]}
     clean_count = ctx.commit_files(events_writer, event_adds, replace=replace).rows
     if plan.inventory is not None:
-        ctx.write(_raw_files(ctx, plan, _file_dates(stats)), "raw_files")
+        ctx.write_rows(_raw_files(ctx, plan, _file_dates(stats)), "raw_files")
     duplicates = valid_count - by_reason.get("bot_user", 0) - clean_count
 
     if raw.skipped is None:

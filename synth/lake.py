@@ -155,6 +155,17 @@ class Lake:
         self._log(commit, app_id, started)
         return commit
 
+    def write_rows(self, rows: list[dict], table: str, *, app_id: str,
+                   replace: dict[str, str | list[str]] | None = None,
+                   metadata: dict[str, str] | None = None) -> Commit:
+        """Commit a few rows built on the driver (the ledgers) as `table`, as write does: written here
+        with pyarrow, no Spark job (naive datetimes are read as UTC)."""
+        import pyarrow as pa
+
+        writer = self.arrow_writer(table)
+        return self.commit_files(writer, writer([pa.Table.from_pylist(rows, schema=writer.schema)]), app_id=app_id,
+                                 replace=replace, metadata=metadata)
+
     def arrow_writer(self, table: str) -> "ArrowWriter":
         """For stages that compute in Arrow on the executors: a picklable writer an executor calls with
         its tables of rows for `table`; it writes Parquet files and returns their add actions, which

@@ -59,6 +59,12 @@ class StageContext:
         self.output_versions[table] = commit.version
         return commit
 
+    def write_rows(self, rows: list[dict], table: str, replace: dict[str, str] | None = None) -> Commit:
+        """Commit a few rows built on the driver (see Lake.write_rows)."""
+        commit = self.lake.write_rows(rows, table, app_id=self.app_id, replace=replace, metadata=self._metadata)
+        self.output_versions[table] = commit.version
+        return commit
+
     def commit_files(self, writer: ArrowWriter, adds: list[dict], replace: dict[str, str] | None = None) -> Commit:
         """Commit what an Arrow stage's executors wrote with `writer` (see Lake.arrow_writer)."""
         commit = self.lake.commit_files(writer, adds, app_id=self.app_id, replace=replace, metadata=self._metadata)
@@ -82,14 +88,11 @@ def run_stage(stage: str, cfg: Config, spark: SparkSession, lake: Lake, force: b
     module = importlib.import_module(f"synth.{stage}")
     spark.sparkContext.setJobGroup(f"synth-{stage}", f"{stage} stage, run {ctx.run_id}")
     counts = {k: int(v) for k, v in (module.run(ctx) or {}).items()}
-    ledger = spark.createDataFrame(
-        [(started, dt.datetime.now(dt.timezone.utc), ctx.input_versions, ctx.output_versions, counts,
-          ctx.artifacts, cfg.to_json(), stage, ctx.run_id)],
-        "started_at timestamp, finished_at timestamp, input_versions map<string,long>, "
-        "output_versions map<string,long>, counts map<string,long>, artifacts map<string,string>, "
-        "config_json string, stage string, run_id string")
-    lake.write(ledger, "pipeline_runs", app_id=ctx.app_id, replace={"stage": stage, "run_id": ctx.run_id},
-               metadata={"synth.run_id": ctx.run_id, "synth.stage": stage})
+    ledger = {"started_at": started, "finished_at": dt.datetime.now(dt.timezone.utc),
+              "input_versions": ctx.input_versions, "output_versions": ctx.output_versions, "counts": counts,
+              "artifacts": ctx.artifacts, "config_json": cfg.to_json(), "stage": stage, "run_id": ctx.run_id}
+    lake.write_rows([ledger], "pipeline_runs", app_id=ctx.app_id, replace={"stage": stage, "run_id": ctx.run_id},
+                    metadata={"synth.run_id": ctx.run_id, "synth.stage": stage})
     log.info("%s: done in %.1f s; read %s; wrote %s; counts %s", stage, time.time() - clock,
              ctx.input_versions or "-", ctx.output_versions or "-", counts)
     return counts
