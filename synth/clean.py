@@ -9,6 +9,13 @@ time and event dates, so a run reads only new, changed or removed files plus the
 that hold events of the same dates, and replaces just those `event_date` partitions. Every rule that
 decides an event's fate (duplicates, bots, sessions) looks no further than its own date, so a date
 rebuilt alone comes out exactly as a full rebuild would make it.
+
+The stage is one pass in Arrow over the raw rows (synth._arrow), in two halves. Each map task checks
+its share of the raw rows (`checked`) and sends every row, with its verdict, to the bucket of its
+(user, date). Each bucket then quarantines the rejected rows and every row of a bot-like user's date
+(`bot_peaks`), drops exact duplicates, cuts sessions and pseudonymizes (`deduplicated_sessions`), and
+writes both tables' Parquet files; the driver commits quarantine, checks the row accounting and the
+quarantine threshold, then commits events, or deletes their files when a check fails.
 """
 from __future__ import annotations
 

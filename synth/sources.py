@@ -1,4 +1,4 @@
-"""Raw input adapters: each turns a source's files into one raw-row DataFrame the clean stage checks.
+"""Raw input adapters: each turns a source's files into the raw rows the clean stage checks.
 
 Every adapter is a spec (synth/sources.yaml for the built-in ones, `input.mapping` for the generic
 one) read by the one code path below: feeds of CSV / JSON lines / Parquet files or a Delta or
@@ -12,6 +12,10 @@ absent or empty):
 - item_id, category, category_path, brand, price_raw, user_id, session_id
 and, as `skipped`, the lines that are not rows: headers, blank lines, rows outside input.from_date /
 input.to_date. Nothing is collected to the driver but file headers, column names and lookup-tree sizes.
+
+CSV feeds of sources without lookups are read by the Arrow CSV reader (synth/_csv.py): `read_source`
+then returns tasks (byte ranges of the files) that executors turn into the same rows as Arrow tables,
+with the skipped-line counts, instead of DataFrames. Everything else is read by Spark's readers.
 """
 from __future__ import annotations
 
