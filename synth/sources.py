@@ -52,7 +52,7 @@ ENCODINGS = {"utf-8": "UTF-8", "utf8": "UTF-8", "iso-8859-1": "ISO-8859-1", "lat
              "latin1": "ISO-8859-1", "us-ascii": "US-ASCII", "ascii": "US-ASCII"}
 MAX_TREE_DEPTH = 32
 _SKIPPED_SCHEMA = "source_file string, kind string"
-_SPLIT_BYTES = 64 << 20  # uncompressed files are cut into ranges of at most this many bytes
+_SPLIT_BYTES = 16 << 20  # uncompressed files are cut into ranges of at most this many bytes (fine enough to balance tasks)
 
 _FILE_KEYS = {"files", "format", "delimiter", "header", "columns", "encoding", "nulls", "table", "optional"}
 _FEED_KEYS = _FILE_KEYS | {"fields", "time_format", "time_offset_ms", "event_types", "required", "description"}
@@ -935,26 +935,25 @@ def _arrow_feed(spark: SparkSession, feed: _Feed, limits: _Limits, first: dt.dat
 
 
 def _arrow_tasks(spark: SparkSession, feeds: list) -> list:
-    """Pieces of (CsvFeed, pieces) packed into tasks of about Spark's file split size: at most
-    spark.sql.files.maxPartitionBytes, and smaller when that leaves cores idle (as Spark sizes its splits)."""
+    """The pieces of [(CsvFeed, [(piece, size)])] packed in order into whole rounds of tasks over the
+    cores, each of about the same bytes and of at most about spark.sql.files.maxPartitionBytes (so that
+    no core waits through a last, half-empty round)."""
     conf = spark._jsparkSession.sessionState().conf()
-    total = sum(size for _, pieces in feeds for _, size in pieces)
+    cost = conf.filesOpenCostInBytes()  # as Spark counts a file's opening
+    pieces = [(csv_feed, piece, size + cost) for csv_feed, listed in feeds for piece, size in listed]
+    total = sum(size for *_, size in pieces)
     cores = max(1, spark.sparkContext.defaultParallelism)
-    target = min(conf.filesMaxPartitionBytes(), max(conf.filesOpenCostInBytes(), math.ceil(total / cores)))
-    tasks, current, filled = [], [], 0
-    for csv_feed, pieces in feeds:
-        for piece, size in pieces:
-            if current and filled + size > target:
-                tasks.append(current)
-                current, filled = [], 0
-            if current and current[-1][0] is csv_feed:
-                current[-1][1].append(piece)
-            else:
-                current.append((csv_feed, [piece]))
-            filled += size + conf.filesOpenCostInBytes()
-    if current:
-        tasks.append(current)
-    return tasks
+    count = cores * max(1, math.ceil(total / (conf.filesMaxPartitionBytes() * cores)))
+    tasks: list[list] = [[] for _ in range(count)]
+    filled = 0
+    for csv_feed, piece, size in pieces:
+        task = tasks[min(count - 1, int((filled + size / 2) * count / max(total, 1)))]
+        if task and task[-1][0] is csv_feed:
+            task[-1][1].append(piece)
+        else:
+            task.append((csv_feed, [piece]))
+        filled += size
+    return [task for task in tasks if task]
 
 
 def list_input_files(spark: SparkSession, cfg) -> list[InputFile] | None:
