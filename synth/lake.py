@@ -16,7 +16,9 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from urllib.parse import quote, unquote, urlparse
 
@@ -48,7 +50,13 @@ class Snapshot:
 
     table: str
     version: int
-    df: DataFrame
+    load: Callable[[], DataFrame] = field(repr=False, compare=False)
+
+    @cached_property
+    def df(self) -> DataFrame:
+        """The rows as a DataFrame, built on first use: stages that read the files with pyarrow never
+        pay for Spark's listing of them (2-4 s for a few hundred files)."""
+        return self.load()
 
 
 def _to_uri(root: str) -> str:
@@ -122,16 +130,20 @@ class Lake:
             raise FileNotFoundError(
                 f"table {table} does not exist at {self.uri(table)}; run the {spec.stage} stage first")
         pinned = dt.version()
-        if self.engine == "delta-spark":
-            df = self.spark.read.format("delta").option("versionAsOf", pinned).load(self.uri(table))
-        else:
-            files = dt.file_uris()
-            if files:
-                df = (self.spark.read.schema(spec.spark_schema())
-                      .option("basePath", self._local_path(table)).parquet(*files))
+
+        def load() -> DataFrame:
+            if self.engine == "delta-spark":
+                df = self.spark.read.format("delta").option("versionAsOf", pinned).load(self.uri(table))
             else:
-                df = self.spark.createDataFrame([], spec.spark_schema())
-        return Snapshot(table, pinned, df.select(*spec.names))
+                files = dt.file_uris()
+                if files:
+                    df = (self.spark.read.schema(spec.spark_schema())
+                          .option("basePath", self._local_path(table)).parquet(*files))
+                else:
+                    df = self.spark.createDataFrame([], spec.spark_schema())
+            return df.select(*spec.names)
+
+        return Snapshot(table, pinned, load)
 
     def write(self, df: DataFrame, table: str, *, app_id: str,
               replace: dict[str, str | list[str]] | None = None,
