@@ -15,7 +15,7 @@ import codecs
 import csv
 import datetime as dt
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 _FFFD = "\ufffd".encode()
@@ -81,21 +81,6 @@ class CsvFeed:
     max_field_chars: int
     first: dt.date | None = None
     last: dt.date | None = None
-    skipped: dict = field(default_factory=dict, compare=False)
-
-
-def read_pieces(feed: CsvFeed, pieces: list[Piece]):
-    """(raw rows in SOURCE_COLUMNS, {kind: count} of skipped lines) for `pieces` of `feed`'s files."""
-    import pyarrow as pa
-
-    tables, skipped = [], {}
-    for piece in pieces:
-        table, counts = _read_piece(feed, piece)
-        if table is not None and table.num_rows:
-            tables.append(table)
-        for kind, count in counts.items():
-            skipped[kind] = skipped.get(kind, 0) + count
-    return (pa.concat_tables(tables) if tables else None), skipped
 
 
 def _bytes_of(piece: Piece) -> tuple[bytes, int]:
@@ -472,14 +457,16 @@ def _parse_time(raw, time_format: str):
 
 
 def read_task(task: list[tuple[CsvFeed, list[Piece]]]):
-    """(raw rows, {kind: count} of skipped lines) of one task's pieces; rows None when there are none."""
+    """(raw rows in SOURCE_COLUMNS, {kind: count} of skipped lines) of one task's pieces; rows None
+    when there are none."""
     import pyarrow as pa
 
     tables, skipped = [], {}
     for feed, pieces in task:
-        table, counts = read_pieces(feed, pieces)
-        if table is not None:
-            tables.append(table)
-        for kind, count in counts.items():
-            skipped[kind] = skipped.get(kind, 0) + count
+        for piece in pieces:
+            table, counts = _read_piece(feed, piece)
+            if table is not None and table.num_rows:
+                tables.append(table)
+            for kind, count in counts.items():
+                skipped[kind] = skipped.get(kind, 0) + count
     return (pa.concat_tables(tables) if tables else None), skipped
