@@ -205,7 +205,7 @@ def _read_piece(feed: CsvFeed, piece: Piece):
     for i in np.flatnonzero(fields != n).tolist():
         if i not in problem:
             hint = " (wrong delimiter?)" if fields[i] == 1 and n > 1 else " (truncated line?)" if fields[i] < n else ""
-            problem[i] = f"expected {n} fields separated by {_describe(feed.delimiter)}, found {fields[i]}{hint}"
+            problem[i] = f"expected {n} fields separated by {describe_delimiter(feed.delimiter)}, found {fields[i]}{hint}"
 
     # Three kinds of rows, each a table of its own (row order does not matter downstream): lines split
     # by pyarrow's parser, quoted lines split by Python's csv module, and malformed lines (no values).
@@ -378,7 +378,8 @@ def _oversized_fields(values: dict, feed: CsvFeed, count: int) -> list[str | Non
     return found
 
 
-def _describe(delimiter: str) -> str:
+def describe_delimiter(delimiter: str) -> str:
+    """A delimiter as error messages name it."""
     return {"\t": "tab", " ": "space"}.get(delimiter, repr(delimiter))
 
 
@@ -407,11 +408,8 @@ def _canonical(feed: CsvFeed, source_file: str, raw_line, malformed, values: dic
             column = pc.coalesce(column, evaluate(spec["fallback"]))
         return column
 
-    pending = dict(feed.fields)
-    while pending:
-        ready = [name for name, spec in pending.items() if _references(spec) <= set(resolved)]
-        for name in ready:
-            resolved[name] = evaluate(pending.pop(name))
+    for name in resolution_order(feed.fields):
+        resolved[name] = evaluate(feed.fields[name])
     canonical = {name: resolved.get(name, pa.nulls(count, pa.string())) for name in
                  ("event_time", "event_type", "item_id", "category", "category_path", "brand", "price", "user_id",
                   "session_id")}
@@ -429,11 +427,28 @@ def _canonical(feed: CsvFeed, source_file: str, raw_line, malformed, values: dic
         "user_id": canonical["user_id"], "session_id": canonical["session_id"]})
 
 
-def _references(spec) -> set[str]:
+def resolution_order(fields: dict[str, Any]) -> list[str]:
+    """The canonical fields of a feed in an order where each comes after the fields it refers to;
+    ValueError naming them when references cannot be resolved."""
+    order: list[str] = []
+    pending = dict(fields)
+    while pending:
+        ready = [name for name, spec in pending.items() if field_references(spec) <= set(order)]
+        if not ready:
+            raise ValueError(f"field references {sorted(pending)} cannot be resolved "
+                             f"(a cycle, or a reference to an unmapped field)")
+        for name in ready:
+            order.append(name)
+            del pending[name]
+    return order
+
+
+def field_references(spec) -> set[str]:
+    """The canonical fields a field spec refers to (through `field` and its fallbacks)."""
     if isinstance(spec, str):
         return set()
     refs = {spec["field"]} if "field" in spec else set()
-    return refs | (_references(spec["fallback"]) if "fallback" in spec else set())
+    return refs | (field_references(spec["fallback"]) if "fallback" in spec else set())
 
 
 def _parse_time(raw, time_format: str):

@@ -34,7 +34,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from synth._csv import CsvFeed, Piece, arrow_time_format
+from synth._csv import CsvFeed, Piece, arrow_time_format, describe_delimiter, resolution_order
 
 log = logging.getLogger(__name__)
 
@@ -402,10 +402,6 @@ def _regex_escape(text: str) -> str:
     return "".join("\\" + c if c in r".^$*+?()[]{}|\/" else c for c in text)
 
 
-def _describe_delimiter(delimiter: str) -> str:
-    return {"\t": "tab", " ": "space"}.get(delimiter, repr(delimiter))
-
-
 def _oversized_line(limits: _Limits) -> tuple[Column, Column]:
     length = F.length("raw_line")
     return length > limits.max_line_chars, F.format_string(
@@ -447,7 +443,7 @@ def _csv_group(spark: SparkSession, src: _Files, files: list[str], names: list[s
     shape = (F.when(F.col("_problem").isNotNull(), F.col("_problem"))
              .when(oversized, oversized_text)
              .when(count != n, F.format_string(
-                 f"expected {n} fields separated by {_describe_delimiter(src.delimiter)}, found %d%s", count, hint)))
+                 f"expected {n} fields separated by {describe_delimiter(src.delimiter)}, found %d%s", count, hint)))
     rows = rows.withColumn("malformed", shape)
     # Parse only well-shaped lines: the CSV parser fails the whole job on lines with >20480 fields.
     schema = ", ".join(f"_c{i} string" for i in range(n))
@@ -476,7 +472,7 @@ def _missing_required_error(src: _Files, files: list[str], required: list[str], 
     if "\ufffd" in header_line or "\x00" in header_line:
         hint = " The header line is not readable text in the feed's encoding (wrong encoding?)."
     elif len(names) == 1 and src.delimiter not in header_line:
-        hint = f" The header has no {_describe_delimiter(src.delimiter)} in it: wrong delimiter, or no header line?"
+        hint = f" The header has no {describe_delimiter(src.delimiter)} in it: wrong delimiter, or no header line?"
     return SourceError(
         f"{src.where}: required column(s) {what} missing from {len(files)} file(s) ({shown}); their header line "
         f"{header_line[:200]!r} gives the columns {names[:30]}.{hint}")
@@ -685,23 +681,17 @@ def _field_column(spec: Any, values: dict[str, Column], resolved: dict[str, Colu
     return column
 
 
-def _references(spec: Any) -> set[str]:
-    if isinstance(spec, str):
-        return set()
-    refs = {spec["field"]} if "field" in spec else set()
-    return refs | (_references(spec["fallback"]) if "fallback" in spec else set())
+def _resolution_order(feed: _Feed) -> list[str]:
+    try:
+        return resolution_order(feed.fields)
+    except ValueError as exc:
+        raise SourceError(f"{feed.where}: {exc}") from None
 
 
 def _canonical_fields(feed: _Feed, values: dict[str, Column]) -> dict[str, Column]:
     resolved: dict[str, Column] = {}
-    pending = dict(feed.fields)
-    while pending:
-        ready = [name for name, spec in pending.items() if _references(spec) <= set(resolved)]
-        if not ready:
-            raise SourceError(f"{feed.where}: field references {sorted(pending)} cannot be resolved "
-                              f"(a cycle, or a reference to an unmapped field)")
-        for name in ready:
-            resolved[name] = _field_column(pending.pop(name), values, resolved, f"{feed.where}.fields.{name}")
+    for name in _resolution_order(feed):
+        resolved[name] = _field_column(feed.fields[name], values, resolved, f"{feed.where}.fields.{name}")
     return {name: resolved.get(name, F.lit(None).cast("string")) for name in RAW_COLUMNS}
 
 
@@ -905,6 +895,7 @@ def _arrow_feed(spark: SparkSession, feed: _Feed, limits: _Limits, first: dt.dat
     """(the feed as a _csv.CsvFeed, its pieces with their sizes, missing canonical fields, extra columns), or,
     when there are no rows to read, the number of (empty) files found."""
     wanted, wanted_for, required = _wanted_columns(feed)
+    _resolution_order(feed)  # fails here, naming the feed, rather than on an executor
     files = _only(_list_files(spark, limits.path, feed.files), limits)
     if not files:
         return 0

@@ -221,6 +221,17 @@ def test_generic_csv_other_delimiter_no_header(spark, tmp_path):
     assert (first.user_id, first.item_id, first.price_raw, first.category) == ("u1", "sku1", "9.99", "shoes")
 
 
+def test_field_references_that_cannot_resolve_fail_naming_them(spark, tmp_path):
+    (tmp_path / "export_2026-11-01.txt").write_text("\n".join(PIPE_LINES) + "\n")
+    mapping = {"files": "export_*.txt", "delimiter": "|", "header": False,
+               "columns": ["ts", "uid", "action", "sku", "amount", "cat"],
+               "fields": {"event_time": "ts", "user_id": {"field": "session_id"}, "event_type": "action",
+                          "item_id": "sku"},
+               "time_format": "dd/MM/yyyy HH:mm"}
+    with pytest.raises(SourceError, match=r"field references \['user_id'\] cannot be resolved"):
+        read_source(spark, _cfg(**{"input.source": "generic", "input.path": str(tmp_path), "input.mapping": mapping}))
+
+
 def test_generic_json_lines(spark, tmp_path):
     (tmp_path / "events.jsonl").write_text(
         '{"when": "2026-11-01T10:00:00Z", "who": 7, "what": "VIEW", "sku": "A1", "amount": 3.5, "ua": "x"}\n'
