@@ -128,6 +128,18 @@ def range_bucket(hashes, n: int):
     return (((hashes >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32)).astype(np.int64)
 
 
+def filesystem(uri: str):
+    """(pyarrow FileSystem, path) of a URI. Hadoop's S3 schemes (s3a://, s3n://) name the same objects as
+    s3://, which pyarrow reads with its own S3 client (credentials from the environment, not from
+    Spark's fs.s3a.* settings)."""
+    import pyarrow.fs as pafs
+
+    scheme, sep, rest = uri.partition("://")
+    if sep and scheme in ("s3a", "s3n"):
+        uri = f"s3://{rest}"
+    return pafs.FileSystem.from_uri(uri)
+
+
 def to_ipc(table) -> bytes:
     import pyarrow as pa
 
@@ -167,12 +179,11 @@ def read_parquet(uris: list[str], columns: list[str], partition_column: str | No
 
     import numpy as np
     import pyarrow as pa
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     tables = []
     for uri in uris:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = filesystem(uri)
         table = pq.read_table(path, columns=[c for c in columns if c != partition_column], filesystem=fs)
         if partition_column is not None:
             match = re.search(rf"(?:^|/){re.escape(partition_column)}=([^/]*)/", unquote(uri))

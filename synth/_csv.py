@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from synth import _arrow
+
 _FFFD = "\ufffd".encode()
 _BOM = "\ufeff".encode()
 _SPARK_TO_STRPTIME = {"yyyy": "%Y", "MM": "%m", "dd": "%d", "HH": "%H", "mm": "%M", "ss": "%S"}
@@ -86,9 +88,7 @@ class CsvFeed:
 def _bytes_of(piece: Piece) -> tuple[bytes, int]:
     """The piece's bytes, from the byte before its start (which tells whether a line starts at `start`) to
     the end of the line running past its end; and the offset of `start` in them."""
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(piece.uri)
+    fs, path = _arrow.filesystem(piece.uri)
     if piece.end is None:
         with fs.open_input_stream(path, compression="detect") as stream:
             return stream.read(), 0

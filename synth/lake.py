@@ -26,6 +26,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from schemas import Contract, contract
+from synth import _arrow
 from synth.spark import has_delta_jars
 
 log = logging.getLogger(__name__)
@@ -204,9 +205,7 @@ class Lake:
             try:
                 commit = self._write_delta_spark(_conform(df, spec), spec, app_id, replace, metadata)
             finally:
-                import pyarrow.fs as pafs
-
-                fs, base = pafs.FileSystem.from_uri(writer.target)
+                fs, base = _arrow.filesystem(writer.target)
                 fs.delete_dir(base)
         self._log(commit, app_id, started)
         return commit
@@ -285,9 +284,7 @@ class ArrowWriter:
 
     def discard(self, adds: list[dict]) -> None:
         """Delete files written but never committed (their run failed before the commit)."""
-        import pyarrow.fs as pafs
-
-        fs, base = pafs.FileSystem.from_uri(self.target)
+        fs, base = _arrow.filesystem(self.target)
         for add in adds:
             fs.delete_file(f"{base}/{add['path']}")
 
@@ -333,11 +330,10 @@ def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
 
         import pyarrow as pa
         import pyarrow.compute as pc
-        import pyarrow.fs as pafs
         import pyarrow.parquet as pq
         from pyspark import TaskContext
 
-        fs, base = pafs.FileSystem.from_uri(table_uri)
+        fs, base = _arrow.filesystem(table_uri)
         context = TaskContext.get()
         task = f"{context.partitionId():05d}-{context.attemptNumber()}" if context else "00000-0"
         open_files: dict[tuple, dict] = {}

@@ -34,6 +34,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from synth import _arrow
 from synth._csv import CsvFeed, Piece, arrow_time_format, describe_delimiter, resolution_order
 
 log = logging.getLogger(__name__)
@@ -891,6 +892,19 @@ def _on_arrow(feed: _Feed) -> bool:
     return feed.format == "csv" and not feed.time_offset_ms and arrow_time_format(feed.time_format) is not None
 
 
+def _arrow_opens(path: str) -> bool:
+    """Whether pyarrow can open the input's filesystem (Hadoop-only schemes stay on Spark's readers)."""
+    if "://" not in path:
+        return True
+    try:
+        _arrow.filesystem(path)
+        return True
+    except (OSError, ValueError) as exc:  # pyarrow's errors for unknown schemes and unreachable stores
+        log.info("input.path %s: pyarrow cannot open it (%s); Spark's readers read the CSV feeds", path,
+                 str(exc).splitlines()[0][:200])
+        return False
+
+
 def _arrow_feed(spark: SparkSession, feed: _Feed, limits: _Limits, first: dt.date | None, last: dt.date | None):
     """(the feed as a _csv.CsvFeed, its pieces with their sizes, missing canonical fields, extra columns), or,
     when there are no rows to read, the number of (empty) files found."""
@@ -982,7 +996,7 @@ def read_source(spark: SparkSession, cfg, files: set[str] | None = None) -> RawI
     if first and last and first > last:
         raise SourceError(f"input.from_date {first} is after input.to_date {last}")
 
-    arrow = not lookups and all(_on_arrow(feed) for feed in feeds)
+    arrow = not lookups and all(_on_arrow(feed) for feed in feeds) and _arrow_opens(limits.path)
     parts, skips, missing, extra = [], [], set(), set()
     empty_files = 0
     for feed in feeds:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from pyspark.sql import functions as F
 
+from synth import _arrow
 from synth.model import CONTEXT_DIM
 
 log = logging.getLogger(__name__)
@@ -323,12 +324,11 @@ def _check_tokens(stats, version: int, window_tokens: int, sizes: dict[str, int]
 
 def _count_row_groups(files: list[str]) -> int:
     """Row groups across `files`, from the Parquet footers only."""
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     total = 0
     for uri in files:
-        fs, path = pafs.FileSystem.from_uri(uri)
+        fs, path = _arrow.filesystem(uri)
         with fs.open_input_file(path) as f:
             total += pq.ParquetFile(f).metadata.num_row_groups
     return total

@@ -65,3 +65,12 @@ def test_tables_written_on_executors_are_committed_once(spark, lake):
     assert (commit.rows, commit.files, commit.version) == (2, 2, 0)
     assert sorted(r.metric for r in lake.read("metrics").df.collect()) == ["a", "b"]
     assert lake.committed("metrics", "evaluate:r") == 0 and lake.rows("metrics", 0) == 2
+
+
+def test_filesystems_pyarrow_cannot_open_stay_on_sparks_readers(tmp_path):
+    from synth import sources
+
+    fs, path = _arrow.filesystem(tmp_path.as_uri())
+    assert type(fs).__name__ == "LocalFileSystem" and path == str(tmp_path)
+    assert sources._arrow_opens(str(tmp_path)) and sources._arrow_opens(tmp_path.as_uri())
+    assert not sources._arrow_opens("abfss://container@account.dfs.core.windows.net/clicks")
