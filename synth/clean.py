@@ -425,7 +425,7 @@ def _event_dates(spark, cfg, files: set[str]) -> list:
         counted = raw.rows.groupBy(
             "source_file", F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time")).alias("date")).count()
         return [(r.source_file, True, r.date, r["count"]) for r in counted.collect()]
-    floor, latest = (round(t.timestamp() * 1_000_000) for t in _time_bounds(cfg))
+    rules = Rules.of(cfg, price_required=True)
 
     def dates(tasks):
         import pyarrow.compute as pc
@@ -435,7 +435,7 @@ def _event_dates(spark, cfg, files: set[str]) -> list:
             if rows is None:
                 continue
             micros = rows.column("event_time").cast(pa.int64())
-            plausible = pc.and_(pc.greater_equal(micros, floor), pc.less_equal(micros, latest))
+            plausible = pc.and_(pc.greater_equal(micros, rules.floor_us), pc.less_equal(micros, rules.latest_us))
             date = pc.if_else(plausible, rows.column("event_time").cast(pa.date32()), pa.scalar(None, pa.date32()))
             counted = (pa.table({"source_file": rows.column("source_file"), "date": date})
                        .group_by(["source_file", "date"]).aggregate([([], "count_all")]))
