@@ -905,12 +905,22 @@ def _arrow_opens(path: str) -> bool:
         return False
 
 
-def _arrow_feed(spark: SparkSession, feed: _Feed, limits: _Limits, first: dt.date | None, last: dt.date | None):
+def _arrow_decompresses(spark: SparkSession, files: list[str]) -> bool:
+    """Whether pyarrow reads every compressed file as Hadoop's codec wrote it (gzip, bzip2 and zstd
+    only: Hadoop's .lz4, .snappy and .deflate are framed its own way)."""
+    odd = [f for f in files if _compressed(spark, f) and not f.endswith((".gz", ".bz2", ".zst"))]
+    if odd:
+        log.info("%s is compressed with a Hadoop codec pyarrow does not read; Spark's readers read the feeds",
+                 odd[0])
+    return not odd
+
+
+def _arrow_feed(spark: SparkSession, feed: _Feed, files: list[str], limits: _Limits, first: dt.date | None,
+                last: dt.date | None):
     """(the feed as a _csv.CsvFeed, its pieces with their sizes, missing canonical fields, extra columns), or,
     when there are no rows to read, the number of (empty) files found."""
     wanted, wanted_for, required = _wanted_columns(feed)
     _resolution_order(feed)  # fails here, naming the feed, rather than on an executor
-    files = _only(_list_files(spark, limits.path, feed.files), limits)
     if not files:
         return 0
     groups, missing, extra = _header_groups(spark, feed, files, wanted, required, wanted_for)
@@ -997,10 +1007,13 @@ def read_source(spark: SparkSession, cfg, files: set[str] | None = None) -> RawI
         raise SourceError(f"input.from_date {first} is after input.to_date {last}")
 
     arrow = not lookups and all(_on_arrow(feed) for feed in feeds) and _arrow_opens(limits.path)
+    listed = {feed.where: _only(_list_files(spark, limits.path, feed.files), limits) for feed in feeds} if arrow else {}
+    arrow = arrow and all(_arrow_decompresses(spark, files) for files in listed.values())
     parts, skips, missing, extra = [], [], set(), set()
     empty_files = 0
     for feed in feeds:
-        result = _arrow_feed(spark, feed, limits, first, last) if arrow else _feed_rows(spark, feed, limits)
+        result = (_arrow_feed(spark, feed, listed[feed.where], limits, first, last) if arrow
+                  else _feed_rows(spark, feed, limits))
         if isinstance(result, int):
             empty_files += result
             if result:
