@@ -14,7 +14,6 @@ from __future__ import annotations
 import codecs
 import csv
 import datetime as dt
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,20 +171,21 @@ def _read_piece(feed: CsvFeed, piece: Piece):
     names, header = feed.groups[piece.group]
     n = len(names)
     buf = np.frombuffer(text, np.uint8)
-    skipped, keep = _skipped_lines(text, buf, starts, ends, header)
+    skipped, keep = _skipped_lines(buf, all_lines, index, starts, ends, header)
     if not keep.all():
         starts, ends, index = starts[keep], ends[keep], index[keep]
     count = len(starts)
 
     # Shape problems, first one wins: undecodable text, NULs, an oversized line, the field count.
     problem: dict[int, str] = {}
-    for i in _substring_rows(text, _FFFD, starts, ends):
-        if replaced is not None and any(starts[i] <= p < ends[i] for p in replaced):
+    undecodable = set(_lines_at(np.array(sorted(replaced or ()), np.int64), starts, ends))
+    for i in _lines_holding(buf, _FFFD, starts, ends):
+        if i in undecodable:
             problem[i] = ("undecodable bytes: the line is not valid UTF-8 (set the feed's encoding if the file "
                           "uses another)")
         elif feed.encoding == "UTF-8":
             problem[i] = "contains U+FFFD replacement characters: the text was mis-decoded before it got here"
-    for i in _substring_rows(text, b"\x00", starts, ends):
+    for i in _lines_holding(buf, b"\x00", starts, ends):
         problem.setdefault(i, "contains NUL bytes: UTF-16 text or binary data, not a text line")
     for i in np.flatnonzero(ends - starts > feed.max_line_chars).tolist():
         chars = len(text[starts[i]:ends[i]].decode())
@@ -193,15 +193,18 @@ def _read_piece(feed: CsvFeed, piece: Piece):
             problem[i] = f"line is {chars} characters, above input.max_line_chars = {feed.max_line_chars}"
     delimiters = np.flatnonzero(buf == ord(feed.delimiter))
     fields = np.searchsorted(delimiters, ends) - np.searchsorted(delimiters, starts) + 1
+    # Lines with quotes: fields counted outside quoted spans (as Spark's reader counts them), and those
+    # of the right count split by the csv module in one call.
+    quoted_lines = np.array([i for i in _lines_holding(buf, b'"', starts, ends) if i not in problem], np.int64)
     quoted_values = {}
-    for i in _substring_rows(text, b'"', starts, ends):
-        if i in problem:
-            continue
-        line = text[starts[i]:ends[i]].decode()
-        fields[i] = len(re.sub(r'"[^"]*"', "", line).split(feed.delimiter))
-        if fields[i] == n:
-            parsed = next(csv.reader([line], delimiter=feed.delimiter), [])
-            quoted_values[i] = (parsed + [""] * n)[:n]
+    if quoted_lines.size:
+        texts = _lines(all_lines, index[quoted_lines])
+        unquoted = pc.replace_substring_regex(texts, r'"[^"]*"', "")
+        fields[quoted_lines] = pc.count_substring(unquoted, feed.delimiter).to_numpy(zero_copy_only=False) + 1
+        right = quoted_lines[fields[quoted_lines] == n]
+        if right.size:
+            rows = csv.reader(_lines(all_lines, index[right]).to_pylist(), delimiter=feed.delimiter)
+            quoted_values = {i: (parsed + [""] * n)[:n] for i, parsed in zip(right.tolist(), rows)}
     for i in np.flatnonzero(fields != n).tolist():
         if i not in problem:
             hint = " (wrong delimiter?)" if fields[i] == 1 and n > 1 else " (truncated line?)" if fields[i] < n else ""
@@ -245,25 +248,26 @@ def _read_piece(feed: CsvFeed, piece: Piece):
     return table, skipped
 
 
-def _skipped_lines(text: bytes, buf, starts, ends, header: str | None):
+def _skipped_lines(buf, all_lines, index, starts, ends, header: str | None):
     """({kind: count} of blank and header lines, mask of the other lines). Spark trims spaces only; only
     lines that can be blank or the header (by their first byte) are compared."""
     import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     first = buf[np.minimum(starts, max(len(buf) - 1, 0))] if len(buf) else np.zeros(len(starts), np.uint8)
-    empty = ends == starts
-    candidates = empty | (first == ord(" ")) | (first == 0xEF)
-    clean_header = header.lstrip("\ufeff").strip().encode() if header is not None else None
+    candidates = (ends == starts) | (first == ord(" ")) | (first == _BOM[0])
+    clean_header = header.lstrip("\ufeff").strip() if header is not None else None
     if clean_header:
-        candidates |= first == clean_header[0]
+        candidates |= first == clean_header.encode()[0]
     blank = np.zeros(len(starts), bool)
     is_header = np.zeros(len(starts), bool)
-    for i in np.flatnonzero(candidates).tolist():
-        stripped = text[starts[i]:ends[i]].strip(b" ")
-        if stripped in (b"", _BOM):
-            blank[i] = True
-        elif clean_header is not None and stripped in (clean_header, _BOM + clean_header):
-            is_header[i] = True
+    at = np.flatnonzero(candidates)
+    if at.size:
+        stripped = pc.utf8_trim(_lines(all_lines, index[at]), " ")
+        blank[at] = _flag(pc.is_in(stripped, pa.array(["", "\ufeff"])))
+        if clean_header:
+            is_header[at] = _flag(pc.is_in(stripped, pa.array([clean_header, "\ufeff" + clean_header]))) & ~blank[at]
     skipped = {kind: int(mask.sum()) for kind, mask in (("blank", blank), ("header", is_header)) if mask.any()}
     return skipped, ~(blank | is_header)
 
@@ -297,19 +301,25 @@ def _flag(condition):
     return pc.fill_null(condition, False).to_numpy(zero_copy_only=False)
 
 
-def _substring_rows(text: bytes, needle: bytes, starts, ends) -> list[int]:
-    """Lines (indexes into starts/ends) holding `needle`."""
+def _lines_holding(buf, needle: bytes, starts, ends) -> list[int]:
+    """Lines (indexes into starts/ends) holding the bytes `needle`."""
     import numpy as np
 
-    hits, at = [], text.find(needle)
-    while at >= 0:
-        hits.append(at)
-        at = text.find(needle, at + 1)
-    if not hits or not len(starts):
+    hits = np.flatnonzero(buf == needle[0])
+    for k, byte in enumerate(needle[1:], 1):
+        hits = hits[hits + k < len(buf)]
+        hits = hits[buf[hits + k] == byte]
+    return _lines_at(hits, starts, ends)
+
+
+def _lines_at(positions, starts, ends) -> list[int]:
+    """Lines (indexes into starts/ends) holding any of the byte `positions`."""
+    import numpy as np
+
+    if not len(positions) or not len(starts):
         return []
-    hits = np.array(hits)
-    line = np.searchsorted(starts, hits, side="right") - 1
-    inside = (line >= 0) & (hits < ends[np.maximum(line, 0)])
+    line = np.searchsorted(starts, positions, side="right") - 1
+    inside = (line >= 0) & (positions < ends[np.maximum(line, 0)])
     return np.unique(line[inside]).tolist()
 
 
@@ -397,7 +407,8 @@ def _canonical(feed: CsvFeed, source_file: str, raw_line, malformed, values: dic
         if isinstance(spec, str):
             return values[spec]
         if "value" in spec:
-            column = pa.array([None if spec["value"] is None else str(spec["value"])] * count, pa.string())
+            column = (pa.nulls(count, pa.string()) if spec["value"] is None else
+                      pa.DictionaryArray.from_arrays(np.zeros(count, np.int32), [str(spec["value"])]).cast(pa.string()))
         elif "column" in spec:
             column = values[str(spec["column"])]
         else:

@@ -266,6 +266,7 @@ def event_ids(events):
 def bot_peaks(valid, limit: int):
     """Per valid row: the most events its user made in one hour of its date, where that is above
     `limit` (a bot-like user), else null. Rows hold whole (user, date) groups."""
+    import numpy as np
     import pyarrow.compute as pc
 
     hour = pc.divide(valid.column("event_time").cast(pa.int64()), 3_600_000_000)
@@ -276,12 +277,11 @@ def bot_peaks(valid, limit: int):
         return pa.nulls(valid.num_rows, pa.int64())
     peaks = busy.group_by(["user_id", "event_date"]).aggregate([("count_all", "max")])
     position = pa.table({"user_id": valid.column("user_id"), "event_date": valid.column("event_date"),
-                         "row": pa.array(range(valid.num_rows), pa.int64())})
+                         "row": pa.array(np.arange(valid.num_rows, dtype=np.int64))})
     joined = position.join(peaks, ["user_id", "event_date"], join_type="inner")
-    peak = [None] * valid.num_rows
-    for row, value in zip(joined.column("row").to_pylist(), joined.column("count_all_max").to_pylist()):
-        peak[row] = value
-    return pa.array(peak, pa.int64())
+    peak = np.zeros(valid.num_rows, np.int64)
+    peak[joined.column("row").to_numpy()] = joined.column("count_all_max").to_numpy()
+    return pa.array(peak, mask=peak == 0)
 
 
 def _judged(rows, rules: Rules, buckets: int):

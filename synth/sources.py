@@ -943,10 +943,11 @@ def _arrow_feed(spark: SparkSession, feed: _Feed, files: list[str], limits: _Lim
             else:
                 pieces += [(Piece(path, source_file, start, min(start + _SPLIT_BYTES, size), index),
                             min(_SPLIT_BYTES, size - start)) for start in range(0, size, _SPLIT_BYTES)]
+    missing_fields = _missing_fields(feed, missing)
     log.info("%s: %d file(s), read in Arrow%s%s", feed.where, len(files),
-             f"; missing fields {sorted(_missing_fields(feed, missing))}" if _missing_fields(feed, missing) else "",
+             f"; missing fields {sorted(missing_fields)}" if missing_fields else "",
              f"; unused columns {sorted(extra)}" if extra else "")
-    return csv_feed, pieces, _missing_fields(feed, missing), extra
+    return csv_feed, pieces, missing_fields, extra
 
 
 def _arrow_tasks(spark: SparkSession, feeds: list) -> list:
