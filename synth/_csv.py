@@ -63,6 +63,7 @@ class Piece:
     start: int
     end: int | None
     group: int  # index of the feed's header group
+    number: int = 0  # its place in the read plan (sources packs and numbers the pieces); rows carry it
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,19 @@ def _read_piece(feed: CsvFeed, piece: Piece):
         if outside.any():
             skipped["out_of_range"] = int(outside.sum())
             table = table.filter(pa.array(~outside))
+    if table is not None:  # where each row comes from, so that its raw line can be read again (raw_lines)
+        table = table.append_column("piece", pa.array(np.full(table.num_rows, piece.number, np.int32)))
+        table = table.append_column("line", pa.array(np.arange(table.num_rows, dtype=np.int32)))
     return table, skipped
+
+
+def raw_lines(feed: CsvFeed, piece: Piece, lines):
+    """The raw_line of rows `lines` (their `line` values) of a piece, read again: the clean stage's
+    buckets need the raw text of a few valid rows (a bot-like user's) that the shuffle did not carry."""
+    import pyarrow as pa
+
+    table, _ = _read_piece(feed, piece)
+    return table.column("raw_line").take(pa.array(lines, pa.int32()))
 
 
 def _skipped_lines(buf, all_lines, index, starts, ends, header: str | None):
@@ -400,7 +413,7 @@ def _canonical(feed: CsvFeed, source_file: str, raw_line, malformed, values: dic
     import pyarrow.compute as pc
 
     count = len(raw_line)
-    source_file = pa.DictionaryArray.from_arrays(np.zeros(count, np.int32), [source_file]).cast(pa.string())
+    source_file = pa.DictionaryArray.from_arrays(np.zeros(count, np.int32), [source_file])
     resolved: dict[str, Any] = {}
 
     def evaluate(spec):

@@ -103,7 +103,8 @@ class Rules:
 def checked(raw, rules: Rules):
     """Raw rows (sources.SOURCE_COLUMNS, a pyarrow Table) typed and judged: `reason` names the first rule
     each row breaks (null = valid) and `detail` says what was found; returns the canonical fields,
-    source_file, raw_line, event_date, reason and detail.
+    source_file (dictionary-encoded), raw_line, event_date, reason, detail, and the rows' piece and line
+    where the Arrow CSV reader read them (else null).
 
     Events without an item (searches) keep neither item nor price. event_date is null for impossible
     times: their odd dates would tie unrelated files together in raw_files.
@@ -115,6 +116,9 @@ def checked(raw, rules: Rules):
 
     def column(name):
         return raw.column(name) if raw.column(name).num_chunks else pa.chunked_array([pa.nulls(n, raw.schema.field(name).type)])
+
+    def reference(name):
+        return raw.column(name) if name in raw.column_names else pa.nulls(n, pa.int32())
 
     def flag(condition) -> np.ndarray:
         return pc.fill_null(condition, False).to_numpy(zero_copy_only=False)
@@ -176,8 +180,15 @@ def checked(raw, rules: Rules):
         "category": column("category"), "category_path": column("category_path"),
         "brand": pc.utf8_lower(column("brand")),
         "price": pc.if_else(keep_item, price, pa.scalar(None, pa.float64())),
-        "source_file": column("source_file"), "raw_line": column("raw_line"), "event_date": event_date,
-        "reason": reason, "detail": detail})
+        "source_file": _dictionary(column("source_file")), "raw_line": column("raw_line"), "event_date": event_date,
+        "reason": reason, "detail": detail, "piece": reference("piece"), "line": reference("line")})
+
+
+def _dictionary(values):
+    """String values dictionary-encoded (a file name repeats on every row of its file)."""
+    import pyarrow.compute as pc
+
+    return values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
 
 
 def _prices(text):
@@ -206,8 +217,9 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
     import pyarrow.compute as pc
 
     order = ["user_id", "session_id", "event_date", "event_time", "event_type", "item_id", "price", "brand",
-             "category", "category_path", "source_file"]
-    rows = rows.take(pc.sort_indices(rows, sort_keys=[(c, "ascending") for c in order], null_placement="at_start"))
+             "category", "category_path", "file_order"]
+    ranked = rows.append_column("file_order", _file_order(rows.column("source_file")))
+    rows = rows.take(pc.sort_indices(ranked, sort_keys=[(c, "ascending") for c in order], null_placement="at_start"))
 
     def same_as_previous(*columns: str) -> np.ndarray:
         """Rows equal to the row before them in all `columns` (null equals null)."""
@@ -245,6 +257,39 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
     rows = rows.set_column(rows.schema.get_field_index("user_id"), "user_id", user_id)
     rows = rows.set_column(rows.schema.get_field_index("session_id"), "session_id", session_id)
     return rows.append_column("event_id", event_ids(rows))
+
+
+def _file_order(files):
+    """Per row, the rank of its file name among the names (file names sort as these ranks do)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    files = files.combine_chunks() if isinstance(files, pa.ChunkedArray) else files
+    if not pa.types.is_dictionary(files.type):
+        files = pc.dictionary_encode(files)
+    rank = np.empty(len(files.dictionary), np.int32)
+    rank[pc.sort_indices(files.dictionary).to_numpy()] = np.arange(len(files.dictionary), dtype=np.int32)
+    return pa.array(rank[files.indices.to_numpy(zero_copy_only=False)])
+
+
+def _with_raw_lines(rows, pieces: dict):
+    """The raw_line of `rows`, those the shuffle left out read again from their piece (pieces: number ->
+    (CsvFeed, Piece) of the read plan)."""
+    import numpy as np
+
+    raw_line = rows.column("raw_line").combine_chunks()
+    missing = np.flatnonzero(raw_line.is_null().to_numpy(zero_copy_only=False))
+    if not missing.size:
+        return raw_line
+    piece = rows.column("piece").combine_chunks().to_numpy(zero_copy_only=False)[missing]
+    line = rows.column("line").combine_chunks().to_numpy(zero_copy_only=False)[missing]
+    lines = raw_line.to_pylist()
+    for number in np.unique(piece).tolist():
+        mine = piece == number
+        feed, where = pieces[number]
+        for i, text in zip(missing[mine].tolist(), _csv.raw_lines(feed, where, line[mine]).to_pylist()):
+            lines[i] = text
+    return pa.array(lines, pa.string())
 
 
 def _pseudonyms(key: bytes, messages, prefix: str):
@@ -286,8 +331,22 @@ def bot_peaks(valid, limit: int):
 
 def _judged(rows, rules: Rules, buckets: int):
     """Shuffle records of raw rows: checked, then sent with their verdict to the bucket of their (user,
-    date), so that each bucket holds whole (user, date) groups."""
+    date), so that each bucket holds whole (user, date) groups.
+
+    Rows the Arrow CSV reader read travel without their raw line unless rejected: it is most of a
+    row's bytes, and the buckets need it only for the rare bot-like user, whose lines they read again
+    by piece and line (_with_raw_lines)."""
+    import numpy as np
+
     rows = checked(rows, rules)
+    keep = (rows.column("reason").is_valid().to_numpy(zero_copy_only=False)
+            | rows.column("line").is_null().to_numpy(zero_copy_only=False))
+    if not keep.all():
+        kept = np.flatnonzero(keep)
+        slot = np.full(rows.num_rows, -1, np.int64)
+        slot[kept] = np.arange(kept.size)
+        lines = rows.column("raw_line").take(pa.array(kept)).combine_chunks().take(pa.array(slot, mask=slot < 0))
+        rows = rows.set_column(rows.schema.get_field_index("raw_line"), "raw_line", lines)
     date = rows.column("event_date").cast(pa.int32())
     key = _arrow.combined_hashes([rows.column("user_id"), date], rows.num_rows)[0]
     yield from _arrow.by_bucket(rows, _arrow.range_bucket(key, buckets), buckets, "rows")
@@ -332,10 +391,11 @@ _SHUFFLED_DDL = "bucket int, payload binary"
 
 
 def _route(rules: Rules, gap_seconds: int, max_session_events: int, key: bytes, run_id: str, events_writer,
-           quarantine_writer):
+           quarantine_writer, pieces: dict):
     """The reduce side of the clean pass: one bucket's rows to quarantine (rejected rows, and every row
     of a bot-like user's date) or, deduplicated and sessionized, to events; both written as Parquet.
-    Yields one summary: the files' add actions and the counts the driver checks."""
+    Yields one summary: the files' add actions and the counts the driver checks. `pieces` (number ->
+    (CsvFeed, Piece)) is the Arrow CSV reader's plan, where bot rows' raw lines are read again."""
     import pyarrow.compute as pc
 
     def run(partition):
@@ -348,6 +408,7 @@ def _route(rules: Rules, gap_seconds: int, max_session_events: int, key: bytes, 
         if rows is None:
             yield {"stats": [], "reasons": {}, "events": [], "quarantine": [], "skipped": skipped}
             return
+        rows = rows.unify_dictionaries()  # one dictionary of file names, as group_by needs
         valid_rows = rows.column("reason").is_null()
         counted = (pa.table({"source_file": rows.column("source_file"), "valid": valid_rows,
                              "date": rows.column("event_date")})
@@ -363,7 +424,7 @@ def _route(rules: Rules, gap_seconds: int, max_session_events: int, key: bytes, 
                 f" events in one hour that day (limit {rules.bot_max_events_per_hour})", "")
             quarantine.append(pa.table({"reason": pa.array(["bot_user"] * bots.num_rows), "detail": detail,
                                         "source_file": bots.column("source_file"),
-                                        "raw_line": bots.column("raw_line")}))
+                                        "raw_line": _with_raw_lines(bots, pieces)}))
             valid = valid.filter(peak.is_null())
         quarantine = pa.concat_tables(quarantine)
         reasons = quarantine.group_by("reason").aggregate([([], "count_all")]).to_pylist()
@@ -437,7 +498,7 @@ def _event_dates(spark, cfg, files: set[str]) -> list:
             micros = rows.column("event_time").cast(pa.int64())
             plausible = pc.and_(pc.greater_equal(micros, rules.floor_us), pc.less_equal(micros, rules.latest_us))
             date = pc.if_else(plausible, rows.column("event_time").cast(pa.date32()), pa.scalar(None, pa.date32()))
-            counted = (pa.table({"source_file": rows.column("source_file"), "date": date})
+            counted = (pa.table({"source_file": rows.column("source_file").cast(pa.string()), "date": date})
                        .group_by(["source_file", "date"]).aggregate([([], "count_all")]))
             yield from zip(counted.column("source_file").to_pylist(), [True] * counted.num_rows,
                            counted.column("date").to_pylist(), counted.column("count_all").to_pylist())
@@ -554,7 +615,8 @@ def run(ctx) -> dict[str, int]:
                   .map(lambda r: (r.bucket, ("rows", r.payload))))
     summaries = _arrow.shuffled(judged, tasks).mapPartitions(_route(
         rules, cfg.clean.session_gap_minutes * 60, cfg.clean.max_session_events, key, ctx.run_id,
-        events_writer, quarantine_writer)).collect()
+        events_writer, quarantine_writer,
+        {piece.number: (feed, piece) for task in raw.tasks or [] for feed, listed in task for piece in listed})).collect()
     stats = [row for s in summaries for row in s["stats"]]
     by_reason: dict[str, int] = {}
     for s in summaries:

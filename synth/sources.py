@@ -951,12 +951,14 @@ def _arrow_feed(spark: SparkSession, feed: _Feed, files: list[str], limits: _Lim
 
 
 def _arrow_tasks(spark: SparkSession, feeds: list) -> list:
-    """The pieces of [(CsvFeed, [(piece, size)])] packed in order into whole rounds of tasks over the
-    cores, each of about the same bytes and of at most about spark.sql.files.maxPartitionBytes (so that
-    no core waits through a last, half-empty round)."""
+    """The pieces of [(CsvFeed, [(piece, size)])], numbered, packed in order into whole rounds of tasks
+    over the cores, each of about the same bytes and of at most about spark.sql.files.maxPartitionBytes
+    (so that no core waits through a last, half-empty round)."""
     conf = spark._jsparkSession.sessionState().conf()
     cost = conf.filesOpenCostInBytes()  # as Spark counts a file's opening
-    pieces = [(csv_feed, piece, size + cost) for csv_feed, listed in feeds for piece, size in listed]
+    in_order = [(csv_feed, piece, size) for csv_feed, listed in feeds for piece, size in listed]
+    pieces = [(csv_feed, replace(piece, number=number), size + cost)
+              for number, (csv_feed, piece, size) in enumerate(in_order)]
     total = sum(size for *_, size in pieces)
     cores = max(1, spark.sparkContext.defaultParallelism)
     count = cores * max(1, math.ceil(total / (conf.filesMaxPartitionBytes() * cores)))

@@ -69,6 +69,29 @@ def test_quarantine_holds_reason_and_raw_text(cleaned, lake):
     assert all(r.run_id == "test" and r.source_file.endswith("part-0.csv") for r in rows)
 
 
+def test_bot_rows_keep_their_raw_text_from_any_piece_of_any_file(spark, lake, make_cfg, tmp_path, monkeypatch):
+    """Valid rows cross the shuffle without their raw line; a bot-like user's rows get theirs read again
+    from the piece they came from: here byte ranges of a plain file, and a gzip file read whole."""
+    import gzip
+
+    from synth import sources
+
+    monkeypatch.setattr(sources, "_SPLIT_BYTES", 131)  # a prime: ranges end everywhere in a line
+    cfg = make_cfg(**{"input.source": "rees46", "clean.max_quarantine_share": 1.0,
+                      "clean.bot_max_events_per_hour": 5})
+    more_bot = [f"2026-11-01 12:{m:02d}:30 UTC,view,{400 + m},7,,BrandZ,5.00,666,sessBot" for m in range(6)]
+    raw = tmp_path / "raw"
+    raw.mkdir(parents=True)
+    (raw / "part-0.csv").write_text("\n".join([HEADER, *[line for pair in zip(GOOD, BOT) for line in pair]]) + "\n")
+    with gzip.open(raw / "part-1.csv.gz", "wt") as f:
+        f.write("\n".join([HEADER, *more_bot]) + "\n")
+    counts = run_stage("clean", cfg, spark, lake)
+    assert counts["quarantined.bot_user"] == 12
+    rows = lake.read("quarantine").df.where("reason = 'bot_user'").collect()
+    assert sorted(r.raw_line for r in rows) == sorted(BOT + more_bot)
+    assert {r.source_file.rsplit("/", 1)[-1] for r in rows} == {"part-0.csv", "part-1.csv.gz"}
+
+
 def test_events_are_typed_sessionized_and_pseudonymized(cleaned, lake):
     events = lake.read("events").df
     rows = events.orderBy("event_time", "event_type").collect()

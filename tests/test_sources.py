@@ -3,6 +3,7 @@ layouts, and the generic adapter on made-up layouts (CSV, JSON lines, Parquet, D
 import datetime as dt
 import gzip
 
+import pyarrow as pa
 import pytest
 from pyspark.sql import functions as F
 
@@ -34,6 +35,9 @@ def _as_dataframes(spark, raw):
 
     results = spark.sparkContext.parallelize(raw.tasks, max(1, len(raw.tasks))).mapPartitions(read).collect()
     table = _arrow.from_ipc([blob for blob, _ in results if blob is not None])
+    if table is not None:
+        table = table.select(list(SOURCE_COLUMNS))
+        table = table.set_column(0, "source_file", table.column("source_file").cast(pa.string()))
     schema = ", ".join(f"{c} {'timestamp' if c == 'event_time' else 'string'}" for c in SOURCE_COLUMNS)
     raw.rows = spark.createDataFrame(table.to_pandas() if table is not None else [], schema)
     raw.skipped = spark.createDataFrame([("", kind) for _, skipped in results for kind, n in skipped.items()
