@@ -91,16 +91,19 @@ def combined_hashes(columns, rows: int) -> tuple:
     return first, second
 
 
-def hex_digits(*hashes):
-    """uint64 arrays side by side as one string of 16 lower-case hex digits each, per row."""
+def hex_digits(*hashes, prefix: str = ""):
+    """uint64 arrays side by side as one string of 16 lower-case hex digits each, after `prefix`, per row."""
     import numpy as np
     import pyarrow as pa
 
     big_endian = np.stack(hashes, axis=1).astype(">u8") if hashes and len(hashes[0]) else np.zeros((0, len(hashes)), ">u8")
-    text = big_endian.tobytes().hex().encode()  # one C pass over every row's bytes
-    width = 16 * len(hashes)
-    offsets = np.arange(0, len(big_endian) * width + 1, width, dtype=np.int32)
-    return pa.Array.from_buffers(pa.string(), len(big_endian), [None, pa.py_buffer(offsets), pa.py_buffer(text)])
+    rows = len(big_endian)
+    digits = np.frombuffer(big_endian.tobytes().hex().encode(), np.uint8).reshape(rows, 16 * len(hashes))  # one C pass
+    head = np.frombuffer(prefix.encode(), np.uint8)
+    text = np.concatenate([np.broadcast_to(head, (rows, len(head))), digits], axis=1) if len(head) else digits
+    width = text.shape[1]
+    offsets = np.arange(0, rows * width + 1, width, dtype=np.int32)
+    return pa.Array.from_buffers(pa.string(), rows, [None, pa.py_buffer(offsets), pa.py_buffer(text.tobytes())])
 
 
 def same_as_previous(values):

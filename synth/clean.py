@@ -20,11 +20,13 @@ quarantine threshold, then commits events, or deletes their files when a check f
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import math
+import operator
 import os
 import secrets
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ _CANONICAL = ("event_time", "event_type", "user_id", "session_id", "item_id", "c
 
 # Changes whenever the same input and options would give other events (ids, sessions), so that the
 # next run rebuilds every date instead of mixing old and new rows.
-_EVENTS_VERSION = 2
+_EVENTS_VERSION = 3
 
 
 class QuarantineThresholdExceeded(RuntimeError):
@@ -293,10 +295,18 @@ def _with_raw_lines(rows, pieces: dict):
 
 
 def _pseudonyms(key: bytes, messages, prefix: str):
-    """prefix + the first 32 hex digits of HMAC-SHA256(key, message), per message of a string array."""
-    digest = hmac.digest  # the one-shot OpenSSL call: a quarter of the time of hmac.new(...).hexdigest()
-    return pa.array([prefix + digest(key, m, "sha256")[:16].hex() for m in messages.cast(pa.binary()).to_pylist()],
-                    pa.string())
+    """prefix + 32 hex digits of keyed BLAKE2b-128 (RFC 7693's MAC mode) of each message of a string array.
+
+    BLAKE2b's keyed mode is a PRF like HMAC-SHA256, at a third of its cost per call here (0.6 against
+    1.9 us); the calls run in C-level maps, the hex digits in one pass."""
+    import numpy as np
+
+    if len(key) > 64:  # BLAKE2b takes keys of up to 64 bytes; longer ones are hashed down, as HMAC does
+        key = hashlib.blake2b(key).digest()
+    keyed = functools.partial(hashlib.blake2b, key=key, digest_size=16)
+    digests = b"".join(map(operator.methodcaller("digest"), map(keyed, messages.cast(pa.binary()).to_pylist())))
+    halves = np.frombuffer(digests, ">u8").reshape(-1, 2).astype(np.uint64)
+    return _arrow.hex_digits(halves[:, 0], halves[:, 1], prefix=prefix)
 
 
 def event_ids(events):
@@ -525,7 +535,7 @@ def _plan(ctx, key: bytes) -> _Plan:
         return plan
     previous = ctx.read("raw_files").df.collect()  # one row per input file
     if any(r.input_fingerprint != plan.fingerprint for r in previous):
-        plan.why = "full rebuild: input or clean options or the pseudonymization key changed"
+        plan.why = "full rebuild: input or clean options, the pseudonymization key or the way events are derived changed"
         return plan
     known = {r.path: r for r in previous}
     present = {f.path: f for f in plan.inventory}

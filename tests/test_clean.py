@@ -1,5 +1,4 @@
 import hashlib
-import hmac
 import re
 
 import pytest
@@ -122,8 +121,19 @@ def test_rerun_of_the_same_run_changes_nothing(cleaned, spark, lake):
 def test_user_pseudonyms_are_the_keyed_hash_of_the_raw_ids(cleaned, lake):
     cfg, _ = cleaned
     key = clean.pseudonym_key(cfg)
-    expected = {"u_" + hmac.new(key, f"user|{raw}".encode(), hashlib.sha256).hexdigest()[:32] for raw in (501, 502)}
+    expected = {"u_" + hashlib.blake2b(f"user|{raw}".encode(), key=key, digest_size=16).hexdigest() for raw in (501, 502)}
     assert {r.user_id for r in lake.read("events").df.select("user_id").distinct().collect()} == expected
+
+
+def test_pseudonyms_take_keys_of_any_length():
+    import pyarrow as pa
+
+    messages = pa.array(["user|501", "user|502"])
+    for key in (b"k", b"k" * 64, b"k" * 200):
+        effective = key if len(key) <= 64 else hashlib.blake2b(key).digest()
+        assert clean._pseudonyms(key, messages, "u_").to_pylist() == [
+            "u_" + hashlib.blake2b(m.encode(), key=effective, digest_size=16).hexdigest() for m in messages.to_pylist()]
+    assert clean._pseudonyms(b"k" * 64, messages, "u_") != clean._pseudonyms(b"k" * 200, messages, "u_")
 
 
 def test_quarantine_share_above_threshold_fails_after_writing_quarantine(spark, lake, make_cfg, tmp_path):
