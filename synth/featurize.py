@@ -574,8 +574,17 @@ def run(ctx) -> dict[str, int]:
     items, vocabulary = item_pass(sc, event_files, previous_files, buckets)
     try:
         writer = ctx.lake.arrow_writer("item_catalog")
-        catalog_commit = ctx.commit_files(
-            writer, items.mapPartitions(lambda records: writer(map(vocabulary.catalog, records))).collect())
+
+        def write_catalog(records):
+            """A bucket's catalogue rows written, and their (item_id, item_idx) for the user pass."""
+            for record in records:
+                rows = vocabulary.catalog(record)
+                for add in writer([rows]):
+                    yield "add", add
+                yield "ids", _arrow.to_ipc(rows.select(["item_id", "item_idx"]))
+
+        written_catalog = items.mapPartitions(write_catalog).collect()
+        catalog_commit = ctx.commit_files(writer, [add for kind, add in written_catalog if kind == "add"])
 
         if dates is None:
             log.info("featurize: building the sessions of every date")
@@ -585,8 +594,7 @@ def run(ctx) -> dict[str, int]:
             log.info("featurize: no event dates changed since the last run; sessions stay as they are")
         ctx.artifacts["session_dates"] = "all" if dates is None else ",".join(dates)
         # Items, not events, reach the driver: the ids every map task of the user pass looks events up in.
-        ids = items.map(lambda record: _arrow.to_ipc(vocabulary.catalog(record).select(["item_id", "item_idx"])))
-        catalog_ids = sc.broadcast(_arrow.to_ipc(_arrow.from_ipc(ids.collect())))
+        catalog_ids = sc.broadcast(_arrow.to_ipc(_arrow.from_ipc([ids for kind, ids in written_catalog if kind == "ids"])))
         by_user = _arrow.shuffled(_arrow.records(sc, _arrow.file_groups(event_files, buckets),
                                                  _events_by_user(buckets, catalog_ids)), buckets)
         writers = {table: ctx.lake.arrow_writer(table) for table in ("sessions", "user_profiles", "session_tokens")}

