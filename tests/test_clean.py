@@ -91,6 +91,25 @@ def test_bot_rows_keep_their_raw_text_from_any_piece_of_any_file(spark, lake, ma
     assert {r.source_file.rsplit("/", 1)[-1] for r in rows} == {"part-0.csv", "part-1.csv.gz"}
 
 
+def test_bot_rows_keep_their_raw_text_from_spark_read_rows(spark, lake, make_cfg, tmp_path, monkeypatch, caplog):
+    """Rows Spark's readers read keep their raw line through the shuffle (they have no piece to read
+    again from)."""
+    import logging
+
+    from synth import sources
+
+    monkeypatch.setattr(sources, "_on_arrow", lambda feed: False)
+    caplog.set_level(logging.INFO, logger="synth.sources")
+    cfg = make_cfg(**{"input.source": "rees46", "clean.max_quarantine_share": 1.0,
+                      "clean.bot_max_events_per_hour": 5})
+    _write_raw(tmp_path / "raw", GOOD + BOT)
+    counts = run_stage("clean", cfg, spark, lake)
+    assert counts["quarantined.bot_user"] == len(BOT) and counts["clean"] == len(GOOD)
+    rows = lake.read("quarantine").df.where("reason = 'bot_user'").collect()
+    assert sorted(r.raw_line for r in rows) == sorted(BOT)
+    assert "read in Arrow" not in caplog.text and "rees46: 1 file(s)" in caplog.text
+
+
 def test_events_are_typed_sessionized_and_pseudonymized(cleaned, lake):
     events = lake.read("events").df
     rows = events.orderBy("event_time", "event_type").collect()
