@@ -218,7 +218,8 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
     import numpy as np
     import pyarrow.compute as pc
 
-    order = ["user_id", "session_id", "event_date", "event_time", "event_type", "item_id", "price", "brand",
+    # Date first: each date's rows are then one slice for the writer (events are partitioned by date).
+    order = ["event_date", "user_id", "session_id", "event_time", "event_type", "item_id", "price", "brand",
              "category", "category_path", "file_order"]
     ranked = rows.append_column("file_order", _file_order(rows.column("source_file")))
     rows = rows.take(pc.sort_indices(ranked, sort_keys=[(c, "ascending") for c in order], null_placement="at_start"))

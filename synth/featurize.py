@@ -102,14 +102,15 @@ def item_statistics(table):
     if table.num_rows == 0:
         return pa.Table.from_pylist([], _ITEM_STATISTICS)
 
-    def sorted_runs(second: str):
-        """`table` sorted by item, then `second` (nulls last), with the first row of each item."""
-        rows = table.take(pc.sort_indices(table, sort_keys=[("item_id", "ascending"), (second, "ascending")],
+    def sorted_runs(*then: str):
+        """`table` sorted by item, then the columns `then` (nulls last), with the first row of each item."""
+        rows = table.take(pc.sort_indices(table, sort_keys=[(c, "ascending") for c in ("item_id", *then)],
                                           null_placement="at_end"))
         return rows, ~_arrow.same_as_previous(rows.column("item_id"))
 
-    # By item and price: popularity, min, max, mean and median.
-    rows, starts = sorted_runs("price")
+    # By item, price and count: popularity, min, max, mean and median. The count orders rows of equal
+    # price too, so that the mean sums in the same order whatever order the counts arrived in.
+    rows, starts = sorted_runs("price", "n")
     first = np.flatnonzero(starts)
     group = np.cumsum(starts) - 1
     n = rows.column("n").to_numpy()
@@ -277,12 +278,15 @@ def item_pass(sc, event_files: list[str], previous_files: list[str], buckets: in
 
 
 def sessions_of(events, holdout_percent: int):
-    """The sessions table's rows for `events` (with item_idx): events ordered by time, then event_id."""
+    """The sessions table's rows for `events` (with item_idx), by date (the table's partitions, so each
+    date is one slice for the writer; sessions never cross midnight), then session; a session's events
+    ordered by time, then event_id."""
     import numpy as np
     import pyarrow.compute as pc
 
     events = events.take(pc.sort_indices(events, sort_keys=[
-        ("session_id", "ascending"), ("event_time", "ascending"), ("event_id", "ascending")]))
+        ("event_date", "ascending"), ("session_id", "ascending"), ("event_time", "ascending"),
+        ("event_id", "ascending")]))
     session = events.column("session_id").combine_chunks()
     n = len(session)
     starts = ~_arrow.same_as_previous(session)

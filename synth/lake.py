@@ -328,6 +328,7 @@ def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
     def write(batches):
         import datetime as dt
 
+        import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
@@ -395,7 +396,9 @@ def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
                     mask = hit if mask is None else pc.and_(mask, hit)
                 normalized = tuple(v.isoformat() if isinstance(v, (dt.date, dt.datetime)) else v
                                    for v in (key[c] for c in partition_by))
-                write_slice(normalized, data.filter(mask))
+                rows = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+                contiguous = rows[-1] - rows[0] + 1 == len(rows)  # rows sorted by the key: a slice, no copy
+                write_slice(normalized, data.slice(rows[0], len(rows)) if contiguous else data.filter(mask))
         for state in list(open_files.values()):
             close(state)
         if finished:

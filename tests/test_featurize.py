@@ -156,3 +156,25 @@ def test_a_lake_without_events_gives_empty_feature_tables(spark, lake, make_cfg)
     counts = run_stage("featurize", make_cfg(), spark, lake)
     assert counts == {"items": 0, "sessions": 0, "sessions_written": 0, "users": 0, "token_windows": 0}
     assert all(lake.read(t).df.count() == 0 for t in ("item_catalog", "sessions", "user_profiles", "session_tokens"))
+
+
+def test_item_statistics_do_not_depend_on_the_order_counts_arrive_in():
+    """Counts reach an item bucket in whatever order the map tasks and their group-bys produced them; the
+    statistics, float means included, must come out bit for bit the same."""
+    import numpy as np
+    import pyarrow as pa
+
+    from synth import featurize
+
+    rng = np.random.default_rng(5)
+    rows = 3000
+    prices = rng.choice([0.1, 0.7, 3.3, 19.99, 1e6 + 0.3], rows)
+    counts = pa.table({"n": pa.array(rng.integers(1, 1000, rows)),
+                       "item_id": pa.array([f"item-{i}" for i in rng.integers(0, 20, rows)]),
+                       "category": pa.array(rng.choice(["a", "b"], rows).tolist()),
+                       "brand": pa.array(rng.choice(["x", "y"], rows).tolist()),
+                       "price": pa.array(prices)})
+    expected = featurize.item_statistics(counts)
+    for _ in range(5):
+        shuffled = counts.take(pa.array(rng.permutation(rows)))
+        assert featurize.item_statistics(shuffled).equals(expected)
