@@ -328,12 +328,20 @@ def user_profiles(events, latest):
     flags = {column: pc.cast(pc.equal(event_type, name), pa.int64()) for name, column in
              (("view", "n_views"), ("cart", "n_carts"), ("purchase", "n_purchases"), ("search", "n_searches"))}
     table = pa.table({"user_id": events.column("user_id"), "session_id": events.column("session_id"),
-                      "event_time": events.column("event_time"),
-                      "spent": pc.if_else(purchase, events.column("price"), pa.scalar(None, pa.float64())), **flags})
+                      "event_time": events.column("event_time"), **flags})
     totals = table.group_by("user_id").aggregate(
         [("session_id", "count_distinct"), ("event_time", "count"), *[(c, "sum") for c in flags],
-         ("spent", "sum"), ("event_time", "min"), ("event_time", "max")])
+         ("event_time", "min"), ("event_time", "max")])
     totals = totals.take(pc.sort_indices(totals, sort_keys=[("user_id", "ascending")]))
+    # Purchase prices summed in ascending order per user, so that the float sum does not depend on the
+    # order the events arrived in.
+    spent = events.filter(pc.and_(purchase, pc.is_valid(events.column("price")))).select(["user_id", "price"])
+    spent = spent.take(pc.sort_indices(spent, sort_keys=[("user_id", "ascending"), ("price", "ascending")]))
+    buyer_start = np.flatnonzero(~_arrow.same_as_previous(spent.column("user_id")))
+    monetary = np.zeros(totals.num_rows)
+    if len(buyer_start):
+        buyers = pc.index_in(spent.column("user_id").take(pa.array(buyer_start)), value_set=totals.column("user_id"))
+        monetary[buyers.to_numpy(zero_copy_only=False)] = np.add.reduceat(spent.column("price").to_numpy(), buyer_start)
     last_seen = totals.column("event_time_max")
     recency = ((pa.scalar(latest, last_seen.type).cast(pa.int64()).as_py() / 1e6
                 - last_seen.combine_chunks().cast(pa.int64()).to_numpy() / 1e6) / 86400.0)
@@ -361,7 +369,7 @@ def user_profiles(events, latest):
         "n_sessions": totals.column("session_id_count_distinct"),
         "n_events": totals.column("event_time_count"),
         **{c: totals.column(f"{c}_sum") for c in flags},
-        "monetary": pc.fill_null(totals.column("spent_sum"), 0.0),
+        "monetary": pa.array(monetary),
         "first_seen": totals.column("event_time_min"),
         "last_seen": last_seen,
         "recency_days": pa.array(recency),

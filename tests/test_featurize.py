@@ -178,3 +178,33 @@ def test_item_statistics_do_not_depend_on_the_order_counts_arrive_in():
     for _ in range(5):
         shuffled = counts.take(pa.array(rng.permutation(rows)))
         assert featurize.item_statistics(shuffled).equals(expected)
+
+
+def test_user_profiles_do_not_depend_on_the_order_events_arrive_in():
+    """A user bucket's events come in fetch order, which a cluster does not fix; float sums (monetary)
+    must come out bit for bit the same."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow as pa
+
+    from synth import featurize
+
+    rng = np.random.default_rng(9)
+    rows = 4000
+    t0 = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+    events = pa.table({
+        "user_id": pa.array([f"u{i}" for i in rng.integers(0, 30, rows)]),
+        "session_id": pa.array([f"s{i}" for i in rng.integers(0, 300, rows)]),
+        "event_time": pa.array([t0 + dt.timedelta(seconds=int(s)) for s in rng.integers(0, 86400, rows)],
+                               pa.timestamp("us", "UTC")),
+        "event_type": pa.array(rng.choice(["view", "cart", "purchase"], rows, p=[0.4, 0.2, 0.4]).tolist()),
+        "price": pa.array(rng.choice([0.1, 0.7, 3.3, 19.99, 1e6 + 0.3], rows)),
+        "category": pa.array(rng.choice(["a", "b", "c"], rows).tolist()),
+    })
+    latest = t0 + dt.timedelta(days=1)
+    expected = featurize.user_profiles(events, latest)
+    assert expected.column("monetary").to_pylist()[0] > 0
+    for _ in range(5):
+        shuffled = events.take(pa.array(rng.permutation(rows)))
+        assert featurize.user_profiles(shuffled, latest).equals(expected)
