@@ -258,7 +258,11 @@ def raw_lines(feed: CsvFeed, piece: Piece, lines):
     import pyarrow as pa
 
     table, _ = _read_piece(feed, piece)
-    return table.column("raw_line").take(pa.array(lines, pa.int32()))
+    if table is None or (len(lines) and max(lines) >= table.num_rows):
+        raise RuntimeError(f"{piece.source_file} changed while the clean stage read it (bytes {piece.start}-"
+                           f"{piece.end if piece.end is not None else 'end'} no longer hold the rows read before); "
+                           f"run clean again")
+    return table.column("raw_line").combine_chunks().take(pa.array(lines, pa.int32()))
 
 
 def _skipped_lines(buf, all_lines, index, starts, ends, header: str | None):

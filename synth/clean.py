@@ -287,13 +287,15 @@ def _with_raw_lines(rows, pieces: dict):
         return raw_line
     piece = rows.column("piece").combine_chunks().to_numpy(zero_copy_only=False)[missing]
     line = rows.column("line").combine_chunks().to_numpy(zero_copy_only=False)[missing]
-    lines = raw_line.to_pylist()
+    # The lines read again are appended after the carried ones; each missing row then points at its own.
+    found, slot, end = [raw_line], np.arange(len(raw_line)), len(raw_line)
     for number in np.unique(piece).tolist():
         mine = piece == number
         feed, where = pieces[number]
-        for i, text in zip(missing[mine].tolist(), _csv.raw_lines(feed, where, line[mine]).to_pylist()):
-            lines[i] = text
-    return pa.array(lines, pa.string())
+        found.append(_csv.raw_lines(feed, where, line[mine]))
+        slot[missing[mine]] = end + np.arange(mine.sum())
+        end += int(mine.sum())
+    return pa.concat_arrays([a.cast(pa.string()) for a in found]).take(pa.array(slot))
 
 
 def _digests(key: bytes, messages):

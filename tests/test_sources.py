@@ -415,3 +415,20 @@ def test_arrow_reader_reads_doubled_quotes_as_rfc_4180_does(spark, tmp_path):
     (tmp_path / "a.csv").write_text(header + "\n" + line + "\n")
     raw = _as_dataframes(spark, read_source(spark, _cfg(**{"input.source": "rees46", "input.path": str(tmp_path)})))
     assert raw.rows.first().brand == 'Br "X"'
+
+
+def test_raw_lines_read_again_name_a_file_that_changed(spark, tmp_path):
+    from synth import _csv
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "part-0.csv").write_text(
+        "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session\n"
+        "2026-11-01 10:00:00 UTC,view,1,2,a.b,x,1.0,7,s1\n2026-11-01 10:01:00 UTC,view,2,2,a.b,x,1.0,7,s1\n")
+    tasks = read_source(spark, _cfg(**{"input.source": "rees46", "input.path": str(raw)})).tasks
+    feed, pieces = tasks[0][0]
+    assert _csv.raw_lines(feed, pieces[0], [1]).to_pylist() == ["2026-11-01 10:01:00 UTC,view,2,2,a.b,x,1.0,7,s1"]
+    (raw / "part-0.csv").write_text("event_time,event_type,product_id,category_id,category_code,brand,price,"
+                                    "user_id,user_session\n")
+    with pytest.raises(RuntimeError, match="part-0.csv changed while the clean stage read it"):
+        _csv.raw_lines(feed, pieces[0], [1])
