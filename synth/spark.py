@@ -5,14 +5,37 @@ import logging
 import os
 import sys
 
+from pyspark import SparkConf, SparkContext
 from pyspark.sql import SparkSession
 
-from synth.config import Config
+from synth.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
 
 JIT_HUGE_METHODS = "-XX:-DontCompileHugeMethods"
+
+# spark.worker_memory = reuse. A worker builds and drops tables of hundreds of MB per task; by default
+# jemalloc hands freed pages back to the OS within a second and glibc maps each block above 32 MB
+# apart, so every new table faulted its pages in again (1.9M minor faults and 5.5 s of system time
+# per 1.1M events cleaned and featurized in one process, against 0.5M and 1.3 s with these).
+REUSE_MEMORY_ENV = {
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=4294967295:glibc.malloc.trim_threshold=4294967295",
+}
+
+
+def worker_env(cfg: Config) -> dict[str, str]:
+    """The environment spark.worker_memory asks for in the Python workers, less the variables the
+    Spark configuration already sets for the executors (spark-submit --conf spark.executorEnv.X)."""
+    if cfg.spark.worker_memory == "default":
+        return {}
+    if cfg.spark.worker_memory != "reuse":
+        raise ConfigError(f"spark.worker_memory must be reuse or default, got {cfg.spark.worker_memory!r}")
+    SparkContext._ensure_initialized()  # so that SparkConf() sees what spark-submit was given
+    configured = SparkConf()
+    return {name: value for name, value in REUSE_MEMORY_ENV.items()
+            if not configured.contains(f"spark.executorEnv.{name}")}
 
 
 def build_session(cfg: Config) -> SparkSession:
@@ -31,6 +54,8 @@ def build_session(cfg: Config) -> SparkSession:
         # Progress bars help at a terminal and only litter scheduler logs.
         .config("spark.ui.showConsoleProgress", str(sys.stderr.isatty()).lower())
     )
+    for name, value in worker_env(cfg).items():
+        builder = builder.config(f"spark.executorEnv.{name}", value)
     # spark-submit starts Python with a gateway to its JVM; its --master, resources and Java options
     # then win (deploy/submit-cluster.sh passes the JIT option below itself).
     if "PYSPARK_GATEWAY_PORT" not in os.environ:

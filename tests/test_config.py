@@ -30,3 +30,18 @@ def test_bad_options_are_named(tmp_path):
         config.from_args(parser.parse_args(["--train.max_steps", "many"]))
     with pytest.raises(config.ConfigError, match="run id"):
         config.load(overrides={"run.id": "a/b"})
+
+
+def test_worker_memory_reaches_the_python_workers(spark):
+    import os
+
+    from synth.spark import REUSE_MEMORY_ENV, worker_env
+
+    seen = spark.sparkContext.parallelize([0], 1).map(
+        lambda _: {name: os.environ.get(name) for name in REUSE_MEMORY_ENV}).collect()[0]
+    assert seen == REUSE_MEMORY_ENV  # the test session is built with the default, reuse
+    assert spark.sparkContext.parallelize([0], 1).map(
+        lambda _: __import__("pyarrow").default_memory_pool().backend_name).collect() == ["system"]
+    assert worker_env(config.load(overrides={"spark.worker_memory": "default"})) == {}
+    with pytest.raises(config.ConfigError, match="spark.worker_memory"):
+        worker_env(config.load(overrides={"spark.worker_memory": "recycle"}))
