@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import shutil
@@ -307,9 +308,9 @@ def price_buckets(items, n_items: int, buckets: int) -> tuple[list[int], list[fl
 
 def _check_tokens(stats, version: int, window_tokens: int, sizes: dict[str, int]) -> None:
     problems = []
-    if stats["min_len"] != window_tokens or stats["max_len"] != window_tokens:
+    if stats["min_len"] < 2 or stats["max_len"] > window_tokens:
         problems.append(f"token arrays have {stats['min_len']}..{stats['max_len']} entries, expected "
-                        f"featurize.window + 2 = {window_tokens}")
+                        f"2..featurize.window + 2 = {window_tokens}")
     if stats["min_context"] != CONTEXT_DIM or stats["max_context"] != CONTEXT_DIM:
         problems.append(f"user_context arrays have {stats['min_context']}..{stats['max_context']} entries, "
                         f"expected {CONTEXT_DIM} (featurize.USER_CONTEXT)")
@@ -362,7 +363,7 @@ def _package_importable():
 # ----- training processes --------------------------------------------------------------------------
 
 
-def _batches(reader, batch_size: int, rng, buffer_rows: int):
+def _batches(reader, batch_size: int, rng, buffer_rows: int, window_tokens: int):
     """Endless random batches {column: array [batch_size, ...]} from a Petastorm batch reader, through a
     shuffle buffer of at least `buffer_rows` windows (row groups are read whole)."""
     import numpy as np
@@ -371,7 +372,7 @@ def _batches(reader, batch_size: int, rng, buffer_rows: int):
     target = max(buffer_rows, batch_size)
     while True:
         while pool is None or len(pool["event_type"]) < target:
-            arrays = _arrays(next(reader))
+            arrays = _arrays(next(reader), window_tokens)
             if len(arrays["event_type"]) == 0:
                 continue
             pool = arrays if pool is None else {c: np.concatenate([pool[c], arrays[c]]) for c in READ_COLUMNS}
@@ -383,39 +384,63 @@ def _batches(reader, batch_size: int, rng, buffer_rows: int):
         pool = {c: pool[c][keep] for c in READ_COLUMNS}
 
 
-def _arrays(chunk) -> dict:
-    """One Petastorm chunk as numpy: token columns int64 [rows, tokens], user_context float32
-    [rows, 7], user_category_idx int64 [rows]."""
+def _windows_reader(files: list[str], window_tokens: int, **options):
+    """A Petastorm batch reader of session_tokens files whose token arrays come padded to window_tokens
+    (Petastorm stacks each list column of a row group into one matrix, so rows must be of one length)."""
+    from petastorm import make_batch_reader
+    from petastorm.transform import TransformSpec
+
+    return make_batch_reader(files, schema_fields=list(READ_COLUMNS), reader_pool_type="dummy",
+                             transform_spec=TransformSpec(functools.partial(_pad_row_group, window_tokens)),
+                             **options)
+
+
+def _pad_row_group(window_tokens: int, frame):
+    """A row group (pandas) with its token arrays padded to window_tokens."""
     import numpy as np
 
-    arrays = {c: _stack(getattr(chunk, c)) for c in TOKEN_COLUMNS}
-    arrays["user_context"] = _stack(chunk.user_context, np.float32).reshape(-1, CONTEXT_DIM)
+    for column in TOKEN_COLUMNS:
+        frame[column] = list(_padded(frame[column].to_numpy(), window_tokens, np.int32))
+    return frame
+
+
+def _arrays(chunk, window_tokens: int) -> dict:
+    """One Petastorm chunk as numpy: token columns int64 [rows, window_tokens] (windows padded with 0),
+    user_context float32 [rows, 7], user_category_idx int64 [rows]."""
+    import numpy as np
+
+    arrays = {c: _padded(getattr(chunk, c), window_tokens) for c in TOKEN_COLUMNS}
+    arrays["user_context"] = _padded(chunk.user_context, CONTEXT_DIM, np.float32)
     arrays["user_category_idx"] = np.asarray(chunk.user_category_idx, dtype=np.int64).reshape(-1)
     return arrays
 
 
-def _stack(column, dtype=None):
-    """A Petastorm array column (an object array of equal-length arrays, or already 2-D) as [rows, n]."""
+def _padded(column, width: int, dtype=None):
+    """A Petastorm array column (an object array of arrays of up to `width` entries, or already 2-D) as
+    [rows, width], each row's entries first, then zeros."""
     import numpy as np
 
     dtype = dtype or np.int64
     if isinstance(column, np.ndarray) and column.dtype != object:
-        return column.astype(dtype, copy=False)
-    return np.stack([np.asarray(v, dtype=dtype) for v in column]) if len(column) else np.zeros((0, 0), dtype)
+        values = column.astype(dtype, copy=False).reshape(len(column), -1)
+        return np.pad(values, ((0, 0), (0, width - values.shape[1])))
+    out = np.zeros((len(column), width), dtype)
+    if len(column):
+        lengths = np.fromiter(map(len, column), np.int64, len(column))
+        out[np.arange(width)[None, :] < lengths[:, None]] = np.concatenate(column).astype(dtype, copy=False)
+    return out
 
 
-def _read_holdout(files: list[str], limit: int) -> dict | None:
+def _read_holdout(files: list[str], limit: int, window_tokens: int) -> dict | None:
     """Up to `limit` holdout windows (the first ones, in file order: the same set on every rank and run)."""
     import numpy as np
-    from petastorm import make_batch_reader
 
     if not files or limit <= 0:
         return None
     parts, rows = [], 0
-    with make_batch_reader(sorted(files), schema_fields=list(READ_COLUMNS), num_epochs=1, shuffle_row_groups=False,
-                           reader_pool_type="dummy") as reader:
+    with _windows_reader(sorted(files), window_tokens, num_epochs=1, shuffle_row_groups=False) as reader:
         for chunk in reader:
-            arrays = _arrays(chunk)
+            arrays = _arrays(chunk, window_tokens)
             if len(arrays["event_type"]):
                 parts.append(arrays)
                 rows += len(arrays["event_type"])
@@ -483,7 +508,6 @@ def train_fn(params: dict) -> dict | None:
     import numpy as np
     import torch
     import torch.distributed as dist
-    from petastorm import make_batch_reader
 
     from synth.model import SessionModel, SessionModelConfig, save_checkpoint, split_window
 
@@ -524,6 +548,7 @@ def train_fn(params: dict) -> dict | None:
     try:
         torch.manual_seed(params["seed"])
         cfg = SessionModelConfig(**params["model_config"])
+        window_tokens = cfg.block_size + 1  # BOS + events + EOS: the width windows are padded to
         model = SessionModel(cfg, **params["catalogue"]).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=params["learning_rate"])
 
@@ -555,7 +580,9 @@ def train_fn(params: dict) -> dict | None:
         use_amp = use_cuda and torch.cuda.is_bf16_supported()
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
-        holdout = _read_holdout(params["holdout_files"], params["eval_windows"]) if params["eval_every"] else None
+        holdout = None
+        if params["eval_every"]:
+            holdout = _read_holdout(params["holdout_files"], params["eval_windows"], window_tokens)
         # Each rank scores its share of the holdout windows; the sums are reduced, so all ranks agree.
         if holdout is not None:
             holdout = {c: torch.from_numpy(v[rank::world_size]) for c, v in holdout.items()}
@@ -580,11 +607,11 @@ def train_fn(params: dict) -> dict | None:
         # reseeds with its start step, so it does not replay the batches of the first attempt.
         # One reading thread: a pool delivers row groups in whichever order its threads finish, and then
         # the same seed would train on different batches.
-        reader = make_batch_reader(params["files"], schema_fields=list(READ_COLUMNS), num_epochs=None,
-                                   seed=params["seed"] + start_step, shuffle_row_groups=True,
-                                   reader_pool_type="dummy", **shard)
+        reader = _windows_reader(params["files"], window_tokens, num_epochs=None, seed=params["seed"] + start_step,
+                                 shuffle_row_groups=True, **shard)
         rng = np.random.default_rng([params["seed"], rank, start_step])
-        batches = _batches(reader, params["batch_size"], rng, buffer_rows=8 * params["batch_size"])
+        batches = _batches(reader, params["batch_size"], rng, buffer_rows=8 * params["batch_size"],
+                           window_tokens=window_tokens)
         say(f"{model.num_parameters():,} parameters on {device}; {len(params['files'])} files"
             f"{' sharded' if shard else ''}; {params['max_steps']} steps of {params['batch_size']} windows; "
             f"{0 if holdout is None else len(holdout['event_type']) * world_size} holdout windows")

@@ -97,10 +97,10 @@ def test_sessions_are_ordered_with_gaps_and_tokens_are_framed():
     tokens = session_tokens(sessions, _contexts(0.5, 1), window=4, edges=[0, 5, 15, 30], category_ids={"c1": 7})
     assert tokens.num_rows == 1
     t = tokens.to_pylist()[0]
-    assert t["event_type"] == [BOS, 3, 6, 4, EOS, PAD]
-    assert t["item_idx"] == [0, 1, 0, 1, 0, 0]
-    assert t["category_idx"] == [0, 7, 7, 7, 0, 0]
-    assert t["gap_bucket"] == [0, 0, 2, 3, 0, 0]
+    assert t["event_type"] == [BOS, 3, 6, 4, EOS]  # unpadded: the training reader pads
+    assert t["item_idx"] == [0, 1, 0, 1, 0]
+    assert t["category_idx"] == [0, 7, 7, 7, 0]
+    assert t["gap_bucket"] == [0, 0, 2, 3, 0]
     assert t["length"] == 5
     assert t["user_context"] == [0.5] * 7 and t["user_category_idx"] == 1
 
@@ -114,6 +114,26 @@ def test_long_sessions_become_overlapping_windows_covering_every_token():
     assert windows[0]["event_type"][0] == BOS and windows[-1]["event_type"][-1] == EOS
     covered = {w["window_start"] + k for w in windows for k in range(w["length"])}
     assert covered == set(range(12))
+
+
+def test_windows_of_sessions_of_every_length_hold_exactly_their_tokens():
+    lengths = [1, 2, 3, 4, 5, 9]
+    events = _events([(i, "view", f"s{n}", f"i{i}", "c", 1.0) for n in lengths for i in range(n)],
+                     item_idx=[i + 1 for n in lengths for i in range(n)])
+    windows = session_tokens(sessions_of(events, 0), _contexts(0.0, 0), window=4, edges=[0],
+                             category_ids={}).to_pylist()
+    by_session: dict[str, list] = {}
+    for w in windows:
+        assert all(len(w[c]) == w["length"] <= 6 for c in ("event_type", "item_idx", "category_idx", "gap_bucket"))
+        assert PAD not in w["event_type"]
+        by_session.setdefault(w["session_id"], []).append(w)
+    for n in lengths:
+        stream = [BOS] + [3] * n + [EOS]
+        items = [0] + list(range(1, n + 1)) + [0]
+        for w in by_session[f"s{n}"]:
+            assert w["event_type"] == stream[w["window_start"]:w["window_start"] + w["length"]]
+            assert w["item_idx"] == items[w["window_start"]:w["window_start"] + w["length"]]
+        assert max(w["window_start"] + w["length"] for w in by_session[f"s{n}"]) == n + 2
 
 
 @pytest.mark.parametrize("percent,expected", [(0, {"train"}), (100, {"holdout"})])

@@ -287,3 +287,13 @@ def test_train_stops_early_on_the_holdout_split(tmp_path, capfd):
     assert metadata["best_step"] == 2 and metadata["weights_from_step"] == 2
     assert metadata["loss_curve"][-1][0] == 6
     assert "early stop at step 6" in capfd.readouterr().out
+
+
+def test_unpadded_windows_reach_the_model_padded_with_zeros():
+    from synth.train import _padded
+
+    column = np.empty(3, object)
+    column[:] = [np.array([1, 3, 2]), np.array([1, 2]), np.array([1, 3, 3, 3, 2])]
+    assert _padded(column, 5).tolist() == [[1, 3, 2, 0, 0], [1, 2, 0, 0, 0], [1, 3, 3, 3, 2]]
+    assert _padded(np.array([[1, 2], [3, 4]]), 3).tolist() == [[1, 2, 0], [3, 4, 0]]  # already 2-D
+    assert _padded(np.empty(0, object), 4).shape == (0, 4)
