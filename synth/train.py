@@ -395,6 +395,47 @@ def _windows_reader(files: list[str], window_tokens: int, **options):
                              **options)
 
 
+class _Epochs:
+    """Windows, epoch after epoch, each epoch from a one-epoch reader seeded `seed` + epoch.
+
+    Petastorm 0.12.1's endless reader (num_epochs=None) shuffles the row groups again at an epoch's
+    start each time its queue is full, so the order of every epoch after the first depended on
+    thread timing; a one-epoch reader never waits for room and shuffles exactly once."""
+
+    def __init__(self, files: list[str], window_tokens: int, seed: int, **options):
+        self._open = functools.partial(_windows_reader, files, window_tokens, num_epochs=1, shuffle_row_groups=True,
+                                       **options)
+        self._seed, self._epoch = seed, 0
+        self._reader = self._open(seed=seed)
+        self._delivered = False  # whether this epoch gave a chunk yet
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        for _ in range(2):  # the end of an epoch, then the first chunk of the next
+            try:
+                chunk = next(self._reader)
+            except StopIteration:
+                if not self._delivered:
+                    raise ValueError("a whole epoch of the training windows' files gave no rows") from None
+                self.stop()
+                self.join()
+                self._epoch += 1
+                self._reader = self._open(seed=self._seed + self._epoch)
+                self._delivered = False
+                continue
+            self._delivered = True
+            return chunk
+        raise ValueError("a whole epoch of the training windows' files gave no rows")
+
+    def stop(self):
+        self._reader.stop()
+
+    def join(self):
+        self._reader.join()
+
+
 def _pad_row_group(window_tokens: int, frame):
     """A row group (pandas) with its token arrays padded to window_tokens."""
     import numpy as np
@@ -607,8 +648,7 @@ def train_fn(params: dict) -> dict | None:
         # reseeds with its start step, so it does not replay the batches of the first attempt.
         # One reading thread: a pool delivers row groups in whichever order its threads finish, and then
         # the same seed would train on different batches.
-        reader = _windows_reader(params["files"], window_tokens, num_epochs=None, seed=params["seed"] + start_step,
-                                 shuffle_row_groups=True, **shard)
+        reader = _Epochs(params["files"], window_tokens, params["seed"] + start_step, **shard)
         rng = np.random.default_rng([params["seed"], rank, start_step])
         batches = _batches(reader, params["batch_size"], rng, buffer_rows=8 * params["batch_size"],
                            window_tokens=window_tokens)

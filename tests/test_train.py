@@ -297,3 +297,41 @@ def test_unpadded_windows_reach_the_model_padded_with_zeros():
     assert _padded(column, 5).tolist() == [[1, 3, 2, 0, 0], [1, 2, 0, 0, 0], [1, 3, 3, 3, 2]]
     assert _padded(np.array([[1, 2], [3, 4]]), 3).tolist() == [[1, 2, 0], [3, 4, 0]]  # already 2-D
     assert _padded(np.empty(0, object), 4).shape == (0, 4)
+
+
+def test_endless_window_reading_repeats_exactly(tmp_path):
+    """Epoch after epoch, the same seed reads the row groups in the same order (Petastorm's own endless
+    reader did not after its first epoch), and each epoch reads every row group once."""
+    import itertools
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from synth.train import READ_COLUMNS, TOKEN_COLUMNS, _arrays, _Epochs
+
+    rng = np.random.default_rng(0)
+    files = []
+    for f in range(4):
+        lengths = rng.integers(2, 7, 40)
+        columns = {c: pa.array([rng.integers(1, 7, n).astype(np.int32) for n in lengths], pa.list_(pa.int32()))
+                   for c in TOKEN_COLUMNS}
+        columns["event_type"] = pa.array([np.full(n, 100 * f + row // 10, np.int32) for row, n in enumerate(lengths)],
+                                         pa.list_(pa.int32()))  # which row group a window came from
+        columns["user_context"] = pa.array([rng.random(7).astype(np.float32) for _ in lengths], pa.list_(pa.float32()))
+        columns["user_category_idx"] = pa.array(rng.integers(0, 5, 40).astype(np.int32))
+        path = tmp_path / f"part-{f}.parquet"
+        pq.write_table(pa.table(columns).select(list(READ_COLUMNS)), path, row_group_size=10)
+        files.append(path.as_uri())
+
+    def row_groups(seed: int) -> list[int]:
+        reader = _Epochs(files, 8, seed)
+        try:
+            return [int(_arrays(chunk, 8)["event_type"][0, 0]) for chunk in itertools.islice(reader, 48)]
+        finally:
+            reader.stop()
+            reader.join()
+
+    first = row_groups(3)
+    assert [row_groups(3) for _ in range(3)] == [first] * 3
+    assert all(sorted(first[i:i + 16]) == sorted(first[:16]) and len(set(first[i:i + 16])) == 16 for i in (0, 16, 32))
+    assert first[:16] != first[16:32]  # each epoch is shuffled anew
