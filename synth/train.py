@@ -413,21 +413,19 @@ class _Epochs:
         return self
 
     def __next__(self):
-        for _ in range(2):  # the end of an epoch, then the first chunk of the next
-            try:
-                chunk = next(self._reader)
-            except StopIteration:
-                if not self._delivered:
-                    raise ValueError("a whole epoch of the training windows' files gave no rows") from None
-                self.stop()
-                self.join()
-                self._epoch += 1
-                self._reader = self._open(seed=self._seed + self._epoch)
-                self._delivered = False
-                continue
-            self._delivered = True
-            return chunk
-        raise ValueError("a whole epoch of the training windows' files gave no rows")
+        try:
+            chunk = next(self._reader)
+        except StopIteration:
+            if not self._delivered:
+                raise ValueError("a whole epoch of the training windows' files gave no rows") from None
+            self.stop()
+            self.join()
+            self._epoch += 1
+            self._reader = self._open(seed=self._seed + self._epoch)
+            self._delivered = False
+            return next(self)  # the next epoch's first chunk, or the error above
+        self._delivered = True
+        return chunk
 
     def stop(self):
         self._reader.stop()
