@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -82,3 +83,16 @@ def test_small_benchmark_reports_positive_figures_and_accounting_holds(tmp_path)
         assert run["ledger"]["featurize"]["sessions"] > 0
     ratios = report["ratio_2_over_1"]
     assert set(ratios) == {"clean", "featurize", "clean+featurize"} and all(v > 0 for v in ratios.values())
+
+
+def test_stage_profile_times_every_step_in_one_process(tmp_path):
+    shared_data("rees46/2019-Oct-head.csv")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "stage_profile.py"), "--events", "35000",
+                          "--work-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    steps = dict(re.findall(r"^  (clean map|clean buckets|item map|item buckets|catalogue|user map|user buckets) +"
+                            r"([\d.]+) s$", out.stdout, re.M))
+    assert len(steps) == 7 and float(steps["clean map"]) > 0 and float(steps["user buckets"]) > 0
+    events = int(re.search(r"^([\d,]+) events, ", out.stdout, re.M).group(1).replace(",", ""))
+    assert 3 * 17_000 < events <= 3 * 17_435  # the clean events of three copies of the sample
+    assert re.search(r"^    parquet write +[\d.]+ s +\d+ calls$", out.stdout, re.M)
