@@ -317,63 +317,92 @@ def sessions_of(events, holdout_percent: int):
     })
 
 
-def user_profiles(events, latest):
-    """One row per user of `events`, ordered by user: activity counts, monetary value (purchase
-    prices), first and last seen, recency (days before `latest`) and up to five top categories."""
+def _ranks(values):
+    """(the rank of each value of a string column without nulls among its distinct values in string
+    order, the distinct values in that order): sorting and grouping by rank is sorting and grouping by
+    the strings, on integers."""
     import numpy as np
     import pyarrow.compute as pc
 
+    encoded = pc.dictionary_encode(values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
+    order = pc.sort_indices(encoded.dictionary).to_numpy()
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    return rank[encoded.indices.to_numpy(zero_copy_only=False)], encoded.dictionary.take(pa.array(order))
+
+
+def user_profiles(events, latest):
+    """One row per user of `events`, ordered by user: activity counts, monetary value (purchase
+    prices), first and last seen, recency (days before `latest`) and up to five top categories.
+
+    Users and categories are taken as their ranks in string order, so that every count, sort and
+    lookup runs on integers (0.99 -> 0.46 s for an 830k-event bucket, against string group-bys and sorts)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    user, user_ids = _ranks(events.column("user_id"))
+    n_users = len(user_ids)
     event_type = events.column("event_type")
-    purchase = pc.equal(event_type, "purchase")
-    flags = {column: pc.cast(pc.equal(event_type, name), pa.int64()) for name, column in
-             (("view", "n_views"), ("cart", "n_carts"), ("purchase", "n_purchases"), ("search", "n_searches"))}
-    table = pa.table({"user_id": events.column("user_id"), "session_id": events.column("session_id"),
-                      "event_time": events.column("event_time"), **flags})
-    totals = table.group_by("user_id").aggregate(
-        [("session_id", "count_distinct"), ("event_time", "count"), *[(c, "sum") for c in flags],
-         ("event_time", "min"), ("event_time", "max")])
-    totals = totals.take(pc.sort_indices(totals, sort_keys=[("user_id", "ascending")]))
+    flags = {column: pc.fill_null(pc.equal(event_type, name), False).to_numpy(zero_copy_only=False)
+             for name, column in (("view", "n_views"), ("cart", "n_carts"), ("purchase", "n_purchases"),
+                                  ("search", "n_searches"))}
+    session, _ = _ranks(events.column("session_id"))
+    sessions_per_user = np.bincount(np.unique(user * (session.max(initial=0) + 1) + session)
+                                    // (session.max(initial=0) + 1), minlength=n_users)
+    time_type = events.column("event_time").type
+    micros = events.column("event_time").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False)
+    by_user = np.argsort(user, kind="stable")
+    user_start = np.searchsorted(user[by_user], np.arange(n_users))
+    first_seen = np.minimum.reduceat(micros[by_user], user_start)
+    last_seen = np.maximum.reduceat(micros[by_user], user_start)
     # Purchase prices summed in ascending order per user, so that the float sum does not depend on the
     # order the events arrived in.
-    spent = events.filter(pc.and_(purchase, pc.is_valid(events.column("price")))).select(["user_id", "price"])
-    spent = spent.take(pc.sort_indices(spent, sort_keys=[("user_id", "ascending"), ("price", "ascending")]))
-    buyer_start = np.flatnonzero(~_arrow.same_as_previous(spent.column("user_id")))
-    monetary = np.zeros(totals.num_rows)
+    price = events.column("price").combine_chunks()
+    bought = np.flatnonzero(flags["n_purchases"] & price.is_valid().to_numpy(zero_copy_only=False))
+    paid = price.take(pa.array(bought)).to_numpy(zero_copy_only=False)
+    buyer = user[bought]
+    spent = np.lexsort((paid, buyer))
+    buyer_start = np.flatnonzero(np.diff(buyer[spent], prepend=-1) != 0)
+    monetary = np.zeros(n_users)
     if len(buyer_start):
-        buyers = pc.index_in(spent.column("user_id").take(pa.array(buyer_start)), value_set=totals.column("user_id"))
-        monetary[buyers.to_numpy(zero_copy_only=False)] = np.add.reduceat(spent.column("price").to_numpy(), buyer_start)
-    last_seen = totals.column("event_time_max")
-    recency = ((pa.scalar(latest, last_seen.type).cast(pa.int64()).as_py() / 1e6
-                - last_seen.combine_chunks().cast(pa.int64()).to_numpy() / 1e6) / 86400.0)
+        monetary[buyer[spent][buyer_start]] = np.add.reduceat(paid[spent], buyer_start)
+    recency = (pa.scalar(latest, time_type).cast(pa.int64()).as_py() / 1e6 - last_seen / 1e6) / 86400.0
 
     # Top categories: per user, categories by events (descending, ties: the lowest) and their share
     # of the user's events with a category.
-    known = events.filter(pc.is_valid(events.column("category")))
-    counts = known.group_by(["user_id", "category"]).aggregate([("event_time", "count")])
-    counts = counts.take(pc.sort_indices(counts, sort_keys=[
-        ("user_id", "ascending"), ("event_time_count", "descending"), ("category", "ascending")]))
-    users = counts.column("user_id").combine_chunks()
-    starts = ~_arrow.same_as_previous(users)
+    known = np.flatnonzero(events.column("category").is_valid().to_numpy(zero_copy_only=False))
+    category, category_names = _ranks(events.column("category").take(pa.array(known)))
+    pairs, n = np.unique(user[known] * (len(category_names) + 1) + category, return_counts=True)
+    pair_user, pair_category = pairs // (len(category_names) + 1), pairs % (len(category_names) + 1)
+    order = np.lexsort((pair_category, -n, pair_user))
+    pair_user, pair_category, n = pair_user[order], pair_category[order], n[order]
+    starts = np.diff(pair_user, prepend=-1) != 0
     group = np.cumsum(starts) - 1
     first = np.flatnonzero(starts)
-    rank = np.arange(len(users)) - first[group]
-    n = counts.column("event_time_count").to_numpy()
+    rank = np.arange(len(n)) - first[group]
     share = n / np.add.reduceat(n, first)[group] if len(n) else n.astype(float)
     top = rank < 5
     kept_offsets = np.append(0, np.cumsum(np.bincount(group[top], minlength=len(first)))).astype(np.int32)
-    affinity = pa.MapArray.from_arrays(pa.array(kept_offsets), counts.column("category").combine_chunks().filter(pa.array(top)),
+    affinity = pa.MapArray.from_arrays(pa.array(kept_offsets), category_names.take(pa.array(pair_category[top])),
                                        pa.array(share[top]))
-    at = pc.index_in(totals.column("user_id"), value_set=users.take(pa.array(first)))
+    # Users without an event with a category have neither a top category nor affinities (nulls).
+    has = np.zeros(n_users, bool)
+    has[pair_user[first]] = True
+    at = pa.array(np.cumsum(has) - 1, mask=~has)
+
+    def counts(mask=None):
+        return pa.array(np.bincount(user if mask is None else user[mask], minlength=n_users).astype(np.int64))
+
     return pa.table({
-        "user_id": totals.column("user_id"),
-        "n_sessions": totals.column("session_id_count_distinct"),
-        "n_events": totals.column("event_time_count"),
-        **{c: totals.column(f"{c}_sum") for c in flags},
+        "user_id": user_ids,
+        "n_sessions": pa.array(sessions_per_user.astype(np.int64)),
+        "n_events": counts(),
+        **{c: counts(flag) for c, flag in flags.items()},
         "monetary": pa.array(monetary),
-        "first_seen": totals.column("event_time_min"),
-        "last_seen": last_seen,
+        "first_seen": pa.array(first_seen).cast(time_type),
+        "last_seen": pa.array(last_seen).cast(time_type),
         "recency_days": pa.array(recency),
-        "top_category": counts.column("category").combine_chunks().take(pa.array(first)).take(at),
+        "top_category": category_names.take(pa.array(pair_category[first])).take(at),
         "category_affinity": affinity.take(at),
     })
 
