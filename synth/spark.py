@@ -32,10 +32,14 @@ def worker_env(cfg: Config) -> dict[str, str]:
         return {}
     if cfg.spark.worker_memory != "reuse":
         raise ConfigError(f"spark.worker_memory must be reuse or default, got {cfg.spark.worker_memory!r}")
-    SparkContext._ensure_initialized()  # so that SparkConf() sees what spark-submit was given
-    configured = SparkConf()
-    return {name: value for name, value in REUSE_MEMORY_ENV.items()
-            if not configured.contains(f"spark.executorEnv.{name}")}
+    return {name: value for name, value in REUSE_MEMORY_ENV.items() if not _configured(f"spark.executorEnv.{name}")}
+
+
+def _configured(key: str) -> bool:
+    """Whether the Spark configuration the JVM was started with (spark-submit, PYSPARK_SUBMIT_ARGS,
+    spark-defaults.conf) sets `key`."""
+    SparkContext._ensure_initialized()  # so that SparkConf() sees what the JVM was given
+    return SparkConf().contains(key)
 
 
 def build_session(cfg: Config) -> SparkSession:
@@ -65,6 +69,11 @@ def build_session(cfg: Config) -> SparkSession:
         # rows on one core).
         for key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
             builder = builder.config(key, JIT_HUGE_METHODS)
+        if cfg.spark.master.startswith("local") and not _configured("spark.shuffle.compress"):
+            # Local shuffle files never cross a network, and the Arrow stages' shuffle payloads are
+            # LZ4-compressed IPC already: compressing them again cost 5-8% of clean + featurize at 5M
+            # events on one core (67.3 and 67.5 s without, 72.0 and 75.7 s with, runs interleaved).
+            builder = builder.config("spark.shuffle.compress", "false")
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     for key, value in (("spark.sql.session.timeZone", "UTC"),

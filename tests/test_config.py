@@ -45,3 +45,8 @@ def test_worker_memory_reaches_the_python_workers(spark):
     assert worker_env(config.load(overrides={"spark.worker_memory": "default"})) == {}
     with pytest.raises(config.ConfigError, match="spark.worker_memory"):
         worker_env(config.load(overrides={"spark.worker_memory": "recycle"}))
+
+
+def test_local_sessions_leave_shuffle_files_uncompressed(spark):
+    # The Arrow stages' shuffle payloads are LZ4-compressed already; local shuffle files cross no network.
+    assert spark.sparkContext.getConf().get("spark.shuffle.compress") == "false"
