@@ -347,8 +347,8 @@ def user_profiles(events, latest):
              for name, column in (("view", "n_views"), ("cart", "n_carts"), ("purchase", "n_purchases"),
                                   ("search", "n_searches"))}
     session, _ = _ranks(events.column("session_id"))
-    sessions_per_user = np.bincount(np.unique(user * (session.max(initial=0) + 1) + session)
-                                    // (session.max(initial=0) + 1), minlength=n_users)
+    per_user = session.max(initial=0) + 1  # (user, session) pairs as one integer
+    sessions_per_user = np.bincount(np.unique(user * per_user + session) // per_user, minlength=n_users)
     time_type = events.column("event_time").type
     micros = events.column("event_time").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False)
     by_user = np.argsort(user, kind="stable")

@@ -444,25 +444,23 @@ def _pad_row_group(window_tokens: int, frame):
 
 
 def _arrays(chunk, window_tokens: int) -> dict:
-    """One Petastorm chunk as numpy: token columns int64 [rows, window_tokens] (windows padded with 0),
-    user_context float32 [rows, 7], user_category_idx int64 [rows]."""
+    """One Petastorm chunk of _windows_reader (its token arrays already padded) as numpy: token columns
+    int64 [rows, window_tokens], user_context float32 [rows, 7], user_category_idx int64 [rows]."""
     import numpy as np
 
-    arrays = {c: _padded(getattr(chunk, c), window_tokens) for c in TOKEN_COLUMNS}
-    arrays["user_context"] = _padded(chunk.user_context, CONTEXT_DIM, np.float32)
+    def matrix(column, width: int, dtype):
+        return np.asarray(column, dtype=dtype).reshape(len(column), width)
+
+    arrays = {c: matrix(getattr(chunk, c), window_tokens, np.int64) for c in TOKEN_COLUMNS}
+    arrays["user_context"] = matrix(chunk.user_context, CONTEXT_DIM, np.float32)
     arrays["user_category_idx"] = np.asarray(chunk.user_category_idx, dtype=np.int64).reshape(-1)
     return arrays
 
 
-def _padded(column, width: int, dtype=None):
-    """A Petastorm array column (an object array of arrays of up to `width` entries, or already 2-D) as
-    [rows, width], each row's entries first, then zeros."""
+def _padded(column, width: int, dtype):
+    """Arrays of up to `width` entries (an object array) as [rows, width]: each row's entries, then zeros."""
     import numpy as np
 
-    dtype = dtype or np.int64
-    if isinstance(column, np.ndarray) and column.dtype != object:
-        values = column.astype(dtype, copy=False).reshape(len(column), -1)
-        return np.pad(values, ((0, 0), (0, width - values.shape[1])))
     out = np.zeros((len(column), width), dtype)
     if len(column):
         lengths = np.fromiter(map(len, column), np.int64, len(column))

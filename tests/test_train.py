@@ -294,9 +294,8 @@ def test_unpadded_windows_reach_the_model_padded_with_zeros():
 
     column = np.empty(3, object)
     column[:] = [np.array([1, 3, 2]), np.array([1, 2]), np.array([1, 3, 3, 3, 2])]
-    assert _padded(column, 5).tolist() == [[1, 3, 2, 0, 0], [1, 2, 0, 0, 0], [1, 3, 3, 3, 2]]
-    assert _padded(np.array([[1, 2], [3, 4]]), 3).tolist() == [[1, 2, 0], [3, 4, 0]]  # already 2-D
-    assert _padded(np.empty(0, object), 4).shape == (0, 4)
+    assert _padded(column, 5, np.int32).tolist() == [[1, 3, 2, 0, 0], [1, 2, 0, 0, 0], [1, 3, 3, 3, 2]]
+    assert _padded(np.empty(0, object), 4, np.int32).shape == (0, 4)
 
 
 def test_endless_window_reading_repeats_exactly(tmp_path):
