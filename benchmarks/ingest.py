@@ -215,8 +215,9 @@ def _pss_kib(pid: int) -> int:
 
 
 def is_worker(pid: int) -> bool:
-    command = _cmdline(pid)
-    return "pyspark.daemon" in command or "pyspark.worker" in command
+    """A Python worker or its daemon (`python -m <daemon module> pyspark.worker`, or a lone worker); the
+    JVM's own command line may name pyspark.daemon too (--conf spark.python.daemon.module=...)."""
+    return "pyspark.worker" in (_read(f"/proc/{pid}/cmdline") or "").split("\0")
 
 
 def tree_cpu_seconds(root: int) -> float:

@@ -25,6 +25,9 @@ REUSE_MEMORY_ENV = {
 }
 
 
+WORKER_DAEMON = "synth._daemon"
+
+
 def worker_env(cfg: Config) -> dict[str, str]:
     """The environment spark.worker_memory asks for in the Python workers, less the variables the
     Spark configuration already sets for the executors (spark-submit --conf spark.executorEnv.X)."""
@@ -74,6 +77,11 @@ def build_session(cfg: Config) -> SparkSession:
             # LZ4-compressed IPC already: compressing them again cost 5-8% of clean + featurize at 5M
             # events on one core (67.3 and 67.5 s without, 72.0 and 75.7 s with, runs interleaved).
             builder = builder.config("spark.shuffle.compress", "false")
+        if cfg.spark.master.startswith("local") and not _configured("spark.python.daemon.module"):
+            # pyspark.daemon without its 0.1 s of CPU per task on Python 3.10-3.11 (see synth._daemon).
+            # Local workers import synth as the driver does; cluster workers may get it only with a
+            # task's files (--py-files on standalone and Kubernetes), after their daemon started.
+            builder = builder.config("spark.python.daemon.module", WORKER_DAEMON)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     for key, value in (("spark.sql.session.timeZone", "UTC"),

@@ -50,3 +50,46 @@ def test_worker_memory_reaches_the_python_workers(spark):
 def test_local_sessions_leave_shuffle_files_uncompressed(spark):
     # The Arrow stages' shuffle payloads are LZ4-compressed already; local shuffle files cross no network.
     assert spark.sparkContext.getConf().get("spark.shuffle.compress") == "false"
+
+
+def test_local_workers_run_the_daemon_that_keeps_zip_directories(spark):
+    import sys
+
+    from synth.spark import WORKER_DAEMON
+
+    assert spark.sparkContext.getConf().get("spark.python.daemon.module") == WORKER_DAEMON
+    patched = spark.sparkContext.parallelize([0], 1).map(
+        lambda _: __import__("zipimport").zipimporter.invalidate_caches.__qualname__).collect()[0]
+    assert patched.startswith("_invalidate_when_changed.") == (sys.version_info < (3, 12))
+
+
+def test_a_zip_directory_is_read_again_only_when_its_file_changed(tmp_path, monkeypatch):
+    import os
+    import zipfile
+    import zipimport
+
+    from synth import _daemon
+
+    archive = tmp_path / "lib.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("first.py", "X = 1\n")
+    reads = []
+
+    def counted(importer):
+        reads.append(importer.archive)
+        importer._files = {"read": True}
+
+    invalidate = _daemon._invalidate_when_changed(counted)
+    importer = zipimport.zipimporter(str(archive))
+    invalidate(importer)
+    invalidate(importer)
+    assert len(reads) == 1
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr("second.py", "Y = 2\n")
+    os.utime(archive, ns=(1, 1))  # a new stamp even where the clock is coarse
+    invalidate(importer)
+    assert len(reads) == 2
+    archive.unlink()
+    invalidate(importer)
+    invalidate(importer)
+    assert len(reads) == 4  # a vanished archive is always handed to zipimport, which forgets it
