@@ -99,7 +99,7 @@ def profile(tiles: Path, lake_root: Path, buckets: int) -> dict:
             grouped[record[0]].append(record)
         return grouped
 
-    read_and_judge = clean._read_and_judge(rules, buckets)
+    read_and_judge = clean._read_and_judge(rules, buckets, b"profile" * 4)
     judged = by_bucket(r for task in raw.tasks for r in step("clean map", lambda: read_and_judge(task)))
     events_writer = lake.arrow_writer("events")
     pieces = {piece.number: (feed, piece) for task in raw.tasks for feed, listed in task for piece in listed}

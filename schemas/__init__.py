@@ -29,6 +29,8 @@ class Contract:
     comment: str
     partition_by: tuple[str, ...]
     columns: tuple[Column, ...]
+    # Columns whose min and max each data file's add action records (Delta data skipping).
+    stats_columns: tuple[str, ...] = ()
 
     @property
     def names(self) -> list[str]:
@@ -102,10 +104,11 @@ def contract(table: str) -> Contract:
     columns = tuple(Column(c["name"], c["type"], bool(c.get("nullable", True)), c.get("comment", ""))
                     for c in spec["columns"])
     result = Contract(spec["table"], spec.get("stage", ""), spec.get("comment", ""),
-                      tuple(spec.get("partition_by") or ()), columns)
-    missing = set(result.partition_by) - set(result.names)
-    if missing:
-        raise ValueError(f"contract {table}: partition columns {sorted(missing)} are not columns")
+                      tuple(spec.get("partition_by") or ()), columns, tuple(spec.get("stats_columns") or ()))
+    for kind, names in (("partition", result.partition_by), ("stats", result.stats_columns)):
+        missing = set(names) - set(result.names)
+        if missing:
+            raise ValueError(f"contract {table}: {kind} columns {sorted(missing)} are not columns")
     return result
 
 

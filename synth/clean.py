@@ -12,7 +12,8 @@ rebuilt alone comes out exactly as a full rebuild would make it.
 
 The stage is one pass in Arrow over the raw rows (synth._arrow), in two halves. Each map task checks
 its share of the raw rows (`checked`) and sends every row, with its verdict, to the bucket of its
-(user, date). Each bucket then quarantines the rejected rows and every row of a bot-like user's date
+user: a range of the user pseudonyms, so that each bucket's events files hold a user_id range of
+their own, which featurize reads as groups of users. Each bucket then quarantines the rejected rows and every row of a bot-like user's date
 (`bot_peaks`), drops exact duplicates, cuts sessions and pseudonymizes (`deduplicated_sessions`), and
 writes both tables' Parquet files; the driver commits quarantine, checks the row accounting and the
 quarantine threshold, then commits events, or deletes their files when a check fails.
@@ -207,7 +208,8 @@ def _prices(text):
 
 def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: bytes):
     """Exact duplicates dropped, session ids assigned, users pseudonymized, event ids added, for `rows`
-    (canonical fields, source_file, event_date) holding whole (user, date) groups.
+    (canonical fields, source_file, event_date, and user_hi and user_lo: the user's pseudonym digest
+    from _user_digests) holding whole (user, date) groups.
 
     Exact duplicates share every canonical field, so they sort next to each other within their
     (user, source session, date); the copy from the first source file is kept. Session ids are the
@@ -218,9 +220,10 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
     import numpy as np
     import pyarrow.compute as pc
 
-    # Date first: each date's rows are then one slice for the writer (events are partitioned by date).
-    order = ["event_date", "user_id", "session_id", "event_time", "event_type", "item_id", "price", "brand",
-             "category", "category_path", "file_order"]
+    # Date first: each date's rows are then one slice for the writer (events are partitioned by date),
+    # in pseudonym order (the digests' order is their hex digits' order).
+    order = ["event_date", "user_hi", "user_lo", "session_id", "event_time", "event_type", "item_id", "price",
+             "brand", "category", "category_path", "file_order"]
     ranked = rows.append_column("file_order", _file_order(rows.column("source_file")))
     rows = rows.take(pc.sort_indices(ranked, sort_keys=[(c, "ascending") for c in order], null_placement="at_start"))
 
@@ -228,7 +231,7 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
         """Rows equal to the row before them in all `columns` (null equals null)."""
         return np.logical_and.reduce([_arrow.same_as_previous(rows.column(c)) for c in columns])
 
-    same_group = same_as_previous("user_id", "session_id", "event_date")
+    same_group = same_as_previous("user_hi", "user_lo", "session_id", "event_date")
     duplicate = same_group & same_as_previous("event_time", "event_type", "item_id", "price", "brand", "category",
                                               "category_path")
     seconds = rows.column("event_time").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False) // 1_000_000
@@ -247,20 +250,19 @@ def deduplicated_sessions(rows, gap_seconds: int, max_session_events: int, key: 
     first = np.flatnonzero(position % max_session_events == 0)
     session_of_row = np.cumsum(position % max_session_events == 0) - 1
 
-    users = pc.dictionary_encode(rows.column("user_id").combine_chunks())
-    user_digests = _digests(key, pc.binary_join_element_wise("user", users.dictionary, "|"))
     starts = pa.array(first)
     session_keys = pc.binary_join_element_wise(
         rows.column("user_id").take(starts), pc.fill_null(rows.column("session_id").take(starts), ""),
         rows.column("event_date").take(starts).cast(pa.string()), pa.array(segment[first]).cast(pa.string()),
         pa.array(part[first]).cast(pa.string()), "|")
     session_digests = _digests(key, session_keys)
-    user_of_row = users.indices.to_numpy(zero_copy_only=False)
-    user_id = _arrow.hex_digits(*user_digests.T, prefix="u_").take(users.indices)
+    user_hi, user_lo = (rows.column(c).combine_chunks().to_numpy() for c in ("user_hi", "user_lo"))
     session_id = _arrow.hex_digits(*session_digests.T, prefix="s_").take(pa.array(session_of_row))
-    rows = rows.set_column(rows.schema.get_field_index("user_id"), "user_id", user_id)
+    rows = rows.set_column(rows.schema.get_field_index("user_id"), "user_id",
+                           _arrow.hex_digits(user_hi, user_lo, prefix="u_"))
     rows = rows.set_column(rows.schema.get_field_index("session_id"), "session_id", session_id)
-    return rows.append_column("event_id", event_ids(rows, user_digests[user_of_row, 0], session_digests[session_of_row, 0]))
+    rows = rows.drop(["user_hi", "user_lo"])
+    return rows.append_column("event_id", event_ids(rows, user_hi, session_digests[session_of_row, 0]))
 
 
 def _file_order(files):
@@ -312,6 +314,20 @@ def _digests(key: bytes, messages):
     return np.frombuffer(digests, ">u8").reshape(-1, 2).astype(np.uint64)
 
 
+def _user_digests(key: bytes, user_ids):
+    """The keyed digest of each row's user id (_digests of "user|<id>", each distinct id hashed once) as
+    two uint64 arrays, 0 for a null id: the user's pseudonym is "u_" and their 32 hex digits."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    users = pc.dictionary_encode(user_ids.combine_chunks() if isinstance(user_ids, pa.ChunkedArray) else user_ids)
+    digests = np.zeros((len(users.dictionary) + 1, 2), np.uint64)  # the last row stands for null ids
+    if len(users.dictionary):
+        digests[:-1] = _digests(key, pc.binary_join_element_wise("user", users.dictionary, "|"))
+    index = users.indices.fill_null(len(users.dictionary)).to_numpy(zero_copy_only=False)
+    return digests[index, 0], digests[index, 1]
+
+
 def event_ids(events, user_hashes, session_hashes):
     """128 bits as 32 hex digits: two 64-bit hash chains over the canonical fields, with the user and
     session taken as the first 64 bits of their pseudonyms' digests (`user_hashes`, `session_hashes`:
@@ -347,9 +363,11 @@ def bot_peaks(valid, limit: int):
     return pa.array(peak, mask=peak == 0)
 
 
-def _judged(rows, rules: Rules, buckets: int):
-    """Shuffle records of raw rows: checked, then sent with their verdict to the bucket of their (user,
-    date), so that each bucket holds whole (user, date) groups.
+def _judged(rows, rules: Rules, buckets: int, key: bytes):
+    """Shuffle records of raw rows: checked, then sent with their verdict and their user's pseudonym
+    digest (user_hi, user_lo) to their user's bucket, so that each bucket holds whole (user, date)
+    groups. Buckets are ranges of the pseudonyms: each events file then holds a range of user_id
+    disjoint from other buckets' files, which featurize reads as user groups without a shuffle.
 
     Rows the Arrow CSV reader read travel without their raw line unless rejected: it is most of a
     row's bytes, and the buckets need it only for the rare bot-like user, whose lines they read again
@@ -365,17 +383,17 @@ def _judged(rows, rules: Rules, buckets: int):
         slot[kept] = np.arange(kept.size)
         lines = rows.column("raw_line").take(pa.array(kept)).combine_chunks().take(pa.array(slot, mask=slot < 0))
         rows = rows.set_column(rows.schema.get_field_index("raw_line"), "raw_line", lines)
-    date = rows.column("event_date").cast(pa.int32())
-    key = _arrow.combined_hashes([rows.column("user_id"), date], rows.num_rows)[0]
-    yield from _arrow.by_bucket(rows, _arrow.range_bucket(key, buckets), buckets, "rows")
+    user_hi, user_lo = _user_digests(key, rows.column("user_id"))
+    rows = rows.append_column("user_hi", pa.array(user_hi)).append_column("user_lo", pa.array(user_lo))
+    yield from _arrow.by_bucket(rows, _arrow.range_bucket(user_hi, buckets), buckets, "rows")
 
 
-def _judge(rules: Rules, buckets: int, rows_per_chunk: int):
+def _judge(rules: Rules, buckets: int, key: bytes, rows_per_chunk: int):
     """_judged over the Arrow batches of Spark's raw rows (mapInArrow), in chunks of rows_per_chunk rows."""
 
     def run(batches):
         def emit(pending):
-            for bucket, (_, payload) in _judged(pa.Table.from_batches(pending), rules, buckets):
+            for bucket, (_, payload) in _judged(pa.Table.from_batches(pending), rules, buckets, key):
                 yield pa.RecordBatch.from_pydict({"bucket": [bucket], "payload": [payload]}, _SHUFFLED)
 
         pending, size = [], 0
@@ -392,13 +410,13 @@ def _judge(rules: Rules, buckets: int, rows_per_chunk: int):
     return run
 
 
-def _read_and_judge(rules: Rules, buckets: int):
+def _read_and_judge(rules: Rules, buckets: int, key: bytes):
     """_judged over the raw rows the Arrow CSV reader reads for one task, plus its skipped-line counts."""
 
     def produce(task):
         rows, skipped = _csv.read_task(task)
         if rows is not None:
-            yield from _judged(rows, rules, buckets)
+            yield from _judged(rows, rules, buckets, key)
         yield 0, ("skipped", skipped)
 
     return produce
@@ -447,8 +465,8 @@ def _route(rules: Rules, gap_seconds: int, max_session_events: int, key: bytes, 
         quarantine = pa.concat_tables(quarantine)
         reasons = quarantine.group_by("reason").aggregate([([], "count_all")]).to_pylist()
         quarantine = quarantine.append_column("run_id", pa.array([run_id] * quarantine.num_rows, pa.string()))
-        events = deduplicated_sessions(valid.select([*_CANONICAL, "source_file", "event_date"]), gap_seconds,
-                                       max_session_events, key)
+        events = deduplicated_sessions(valid.select([*_CANONICAL, "source_file", "event_date", "user_hi", "user_lo"]),
+                                       gap_seconds, max_session_events, key)
         yield {"stats": stats, "reasons": {r["reason"]: r["count_all"] for r in reasons}, "skipped": skipped,
                "events": events_writer([events]) if events.num_rows else [],
                "quarantine": quarantine_writer([quarantine]) if quarantine.num_rows else []}
@@ -623,13 +641,15 @@ def run(ctx) -> dict[str, int]:
     sc = spark.sparkContext
     cores = max(1, sc.defaultParallelism)
     splits = len(raw.tasks) if raw.rows is None else raw.rows.rdd.getNumPartitions()
-    tasks = cores * max(1, math.ceil(splits / cores))
+    # Buckets are pseudonym ranges. A power-of-two count makes the ranges of runs with other counts
+    # nest, so that featurize still finds user groups in events files written by several runs.
+    tasks = 1 << (cores * max(1, math.ceil(splits / cores)) - 1).bit_length()
     events_writer = ctx.lake.arrow_writer("events")
     quarantine_writer = ctx.lake.arrow_writer("quarantine")
     if raw.rows is None:
-        judged = _arrow.records(sc, raw.tasks, _read_and_judge(rules, tasks))
+        judged = _arrow.records(sc, raw.tasks, _read_and_judge(rules, tasks, key))
     else:
-        judged = (raw.rows.mapInArrow(_judge(rules, tasks, cfg.spark.events_per_task), _SHUFFLED_DDL).rdd
+        judged = (raw.rows.mapInArrow(_judge(rules, tasks, key, cfg.spark.events_per_task), _SHUFFLED_DDL).rdd
                   .map(lambda r: (r.bucket, ("rows", r.payload))))
     summaries = _arrow.shuffled(judged, tasks).mapPartitions(_route(
         rules, cfg.clean.session_gap_minutes * 60, cfg.clean.max_session_events, key, ctx.run_id,

@@ -11,9 +11,13 @@ The stage computes in Arrow (synth._arrow), in two passes over the pinned `event
    previous catalogue meet in the item's bucket, which finishes the item's statistics and keeps its
    id or ranks it among the new items. Buckets are ranges of the item-id hash, so the new items of
    all buckets, taken in bucket order, are in hash order: their ids do not depend on the bucket count.
-2. Users. Each task looks its events' item_idx up in the catalogue's ids (items, not events, are
-   broadcast) and sends the events to their user's bucket, which builds the user's sessions, profile
-   and token windows and writes them as Parquet.
+2. Users. Each task reads a group of events files that holds all events of its users, looks their
+   item_idx up in the catalogue's ids (items, not events, are broadcast), builds the users' sessions,
+   profiles and token windows and writes them as Parquet. The groups come from the user_id range each
+   events file's add action records: clean writes each bucket of users as files of one pseudonym
+   range (user_groups). Where the ranges do not give groups of a sensible size (a table written
+   otherwise, or by clean runs that cut users into other ranges), the events are shuffled to
+   user buckets instead.
 
 `sessions` is rewritten only for the event dates clean rebuilt since the last featurize run
 (sessions never cross UTC midnight); the catalogue, profiles and token windows are rewritten whole.
@@ -50,6 +54,9 @@ _COUNTS = pa.schema([("n", pa.int64()), ("item_id", pa.string()), ("category", p
                      ("price", pa.float64())])
 _CATALOG_COLUMNS = ["item_idx", "item_id", "category", "category_idx", "brand", "price", "price_min",
                     "price_max", "price_mean", "popularity"]
+# A group of events files that share users is read by one task: up to this many times
+# spark.events_per_task events, else the user pass shuffles the events by user instead.
+_MAX_GROUP_TASKS = 4
 _EVENT_COLUMNS = ["event_id", "event_time", "event_type", "user_id", "session_id", "item_id", "category", "price",
                   "event_date"]
 
@@ -120,7 +127,13 @@ def item_statistics(table):
     priced_events = np.add.reduceat(priced_n, first)
     has_price = priced_events > 0
     last_priced = first + np.add.reduceat(priced.astype(np.int64), first) - 1  # prices sort before nulls
-    mean = np.add.reduceat(np.where(priced, price * n, 0.0), first) / np.maximum(priced_events, 1)
+    # The mean adds each distinct price once, times all its events: the same sum however the map tasks
+    # split a price's events into counts (events files laid out otherwise).
+    price_start = np.flatnonzero(starts | ~_arrow.same_as_previous(rows.column("price")))
+    price_events = np.add.reduceat(priced_n, price_start)
+    first_price = np.searchsorted(group[price_start], np.arange(len(first)))
+    mean = (np.add.reduceat(np.where(priced[price_start], price[price_start] * price_events, 0.0), first_price)
+            / np.maximum(priced_events, 1))
     running = np.cumsum(priced_n)
     at_or_below = running - (running - priced_n)[first][group]
     reached = np.flatnonzero(priced & (2 * at_or_below >= priced_events[group]))
@@ -534,38 +547,89 @@ def gap_bucket(gap: Column, edges: list[float]) -> Column:
     return F.size(F.filter(F.array(*[F.lit(float(e)) for e in edges]), lambda edge: edge < gap))
 
 
+def user_groups(ranges, events_per_group: int, max_group_events: int) -> list[list[str]] | None:
+    """The events files (URI, rows, min user_id, max user_id) in groups that each hold all events of
+    their users, for the user pass to read without a shuffle: files whose user_id ranges overlap,
+    directly or through other files, share a group, and groups of adjacent ranges are merged while
+    they hold at most `events_per_group` events. None when a file with events has no range, or a
+    group of overlapping files would hold more than `max_group_events` events."""
+    ranges = [r for r in ranges if r[1]]
+    if any(low is None or high is None for _, _, low, high in ranges):
+        return None
+    overlapping: list[list] = []  # [files, events, highest user_id]
+    for uri, rows, low, high in sorted(ranges, key=lambda r: (r[2], r[3])):
+        if overlapping and low <= overlapping[-1][2]:
+            group = overlapping[-1]
+            group[0].append(uri)
+            group[1] += rows
+            group[2] = max(group[2], high)
+        else:
+            overlapping.append([[uri], rows, high])
+    if any(rows > max_group_events for _, rows, _ in overlapping):
+        return None
+    groups: list[list] = []
+    for files, rows, _ in overlapping:
+        if groups and groups[-1][1] + rows <= events_per_group:
+            groups[-1][0].extend(files)
+            groups[-1][1] += rows
+        else:
+            groups.append([list(files), rows])
+    return [files for files, _ in groups]
+
+
+def _with_item_idx(events, catalog_ids):
+    """`events` with their item's item_idx, from the broadcast (item_id, item_idx) of the catalogue."""
+    import pyarrow.compute as pc
+
+    catalog = _arrow.from_ipc([catalog_ids.value])
+    item_idx = catalog.column("item_idx").take(pc.index_in(events.column("item_id"), value_set=catalog.column("item_id")))
+    return events.append_column("item_idx", item_idx)
+
+
 def _events_by_user(n: int, catalog_ids):
-    """Map side of the user pass: events with their item_idx (from the broadcast (item_id, item_idx) of
-    the catalogue) to their user's bucket."""
+    """Map side of the shuffling user pass: events with their item_idx to their user's bucket."""
 
     def produce(uris):
         import numpy as np
-        import pyarrow.compute as pc
 
-        events = _arrow.read_parquet(uris, _EVENT_COLUMNS, "event_date")
-        catalog = _arrow.from_ipc([catalog_ids.value])
-        item_idx = catalog.column("item_idx").take(pc.index_in(events.column("item_id"),
-                                                               value_set=catalog.column("item_id")))
-        events = events.append_column("item_idx", item_idx)
+        events = _with_item_idx(_arrow.read_parquet(uris, _EVENT_COLUMNS, "event_date"), catalog_ids)
         buckets = (_arrow.hash64(events.column("user_id")) % np.uint64(n)).astype(np.int64)
         yield from _arrow.by_bucket(events, buckets, n, "events")
 
     return produce
 
 
-def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int, window: int,
-                   edges: list[float], category_ids: dict[str, int], latest, token_files: int):
-    """Reduce side of the user pass: a user bucket's sessions, profiles and token windows, written
-    (the windows in `token_files` files per split)."""
+def _shuffled_users(features):
+    """Reduce side of the shuffling user pass: `features` of a user bucket's events."""
 
     def run(partition):
+        events = _arrow.from_ipc(_arrow.payloads_of(partition).get("events", []))
+        if events is not None:
+            yield from features(events)
+
+    return run
+
+
+def _grouped_users(features, catalog_ids):
+    """The user pass over user groups of events files (user_groups): `features` of each group's events."""
+
+    def run(groups):
+        for uris in groups:
+            yield from features(_with_item_idx(_arrow.read_parquet(uris, _EVENT_COLUMNS, "event_date"), catalog_ids))
+
+    return run
+
+
+def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int, window: int,
+                   edges: list[float], category_ids: dict[str, int], latest, token_files: int):
+    """A user group's sessions, profiles and token windows, written (the windows in `token_files` files
+    per split): a function of the group's events (with item_idx) that yields what it wrote."""
+
+    def features(events):
         import datetime as dt
 
         import pyarrow.compute as pc
 
-        events = _arrow.from_ipc(_arrow.payloads_of(partition).get("events", []))
-        if events is None:
-            return
         sessions = sessions_of(events, holdout_percent)
         profiles = user_profiles(events, latest)
         tokens = session_tokens(sessions, user_contexts(profiles, category_ids), window, edges, category_ids)
@@ -582,7 +646,7 @@ def _user_features(writers: dict, dates: list[str] | None, holdout_percent: int,
                 for add in writers[table]([rows]):
                     yield table, add
 
-    return run
+    return features
 
 
 def _options(cfg) -> str:
@@ -624,8 +688,10 @@ def run(ctx) -> dict[str, int]:
         previous_files = ctx.lake.files("item_catalog", ctx.read("item_catalog").version)
     sc = ctx.spark.sparkContext
     buckets = _arrow.task_count(sc, ctx.lake.rows("events", events.version), ctx.cfg.spark.events_per_task)
+    groups = user_groups(ctx.lake.file_ranges("events", events.version, "user_id"), ctx.cfg.spark.events_per_task,
+                         _MAX_GROUP_TASKS * ctx.cfg.spark.events_per_task)
     # Training shards the token windows by file: at least four files, and one per training process.
-    token_files = math.ceil(max(4, int(ctx.cfg.train.num_processes)) / buckets)
+    token_files = math.ceil(max(4, int(ctx.cfg.train.num_processes)) / (buckets if groups is None else max(1, len(groups))))
     log.info("featurize: item pass over %d event files and %d catalogue files in %d buckets",
              len(event_files), len(previous_files), buckets)
     items, vocabulary = item_pass(sc, event_files, previous_files, buckets)
@@ -650,15 +716,21 @@ def run(ctx) -> dict[str, int]:
         else:
             log.info("featurize: no event dates changed since the last run; sessions stay as they are")
         ctx.artifacts["session_dates"] = "all" if dates is None else ",".join(dates)
-        # Items, not events, reach the driver: the ids every map task of the user pass looks events up in.
+        # Items, not events, reach the driver: the ids every task of the user pass looks events up in.
         catalog_ids = sc.broadcast(_arrow.to_ipc(_arrow.from_ipc([ids for kind, ids in written_catalog if kind == "ids"])))
-        by_user = _arrow.shuffled(_arrow.records(sc, _arrow.file_groups(event_files, buckets),
-                                                 _events_by_user(buckets, catalog_ids)), buckets)
         writers = {table: ctx.lake.arrow_writer(table) for table in ("sessions", "user_profiles", "session_tokens")}
-        log.info("featurize: user pass (sessions, profiles, token windows)")
-        results = by_user.mapPartitions(_user_features(
-            writers, dates, cfg.holdout_percent, cfg.window, list(cfg.gap_bucket_edges), vocabulary.category_ids,
-            vocabulary.latest, token_files)).collect()
+        features = _user_features(writers, dates, cfg.holdout_percent, cfg.window, list(cfg.gap_bucket_edges),
+                                  vocabulary.category_ids, vocabulary.latest, token_files)
+        if groups is None:
+            log.info("featurize: user pass (sessions, profiles, token windows) with a shuffle: the events files "
+                     "are not in disjoint user_id ranges of at most %d events", _MAX_GROUP_TASKS * ctx.cfg.spark.events_per_task)
+            results = _arrow.shuffled(_arrow.records(sc, _arrow.file_groups(event_files, buckets),
+                                                     _events_by_user(buckets, catalog_ids)), buckets
+                                      ).mapPartitions(_shuffled_users(features)).collect()
+        else:
+            log.info("featurize: user pass (sessions, profiles, token windows) over %d user groups of events files",
+                     len(groups))
+            results = sc.parallelize(groups, max(1, len(groups))).mapPartitions(_grouped_users(features, catalog_ids)).collect()
     finally:
         items.unpersist()
     catalog_ids.destroy()

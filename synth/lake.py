@@ -115,6 +115,25 @@ class Lake:
         # Not Path.as_uri(): it would percent-encode the '=' of partition folders.
         return [u if "://" in u else f"file://{u}" for u in dt.file_uris()]
 
+    def file_ranges(self, table: str, version: int, column: str) -> list[tuple[str, int, object, object]]:
+        """(URI, rows, min, max of `column`) of each Parquet file of `table` at `version`, from the add
+        actions' statistics (no file is read); min and max are None where a file has no statistics."""
+        import pyarrow as pa
+
+        dt = self._delta(table, version)
+        if dt is None:
+            raise FileNotFoundError(f"table {table} does not exist at {self.uri(table)}")
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        bounds = [actions.column(f"{bound}.{column}").to_pylist() if f"{bound}.{column}" in actions.column_names
+                  else [None] * actions.num_rows for bound in ("min", "max")]
+        uris = {unquote(path): uri for uri in self.files(table, version)
+                for path in [uri[len(self.uri(table).rstrip("/")) + 1:]]}
+        by_path = {unquote(p): uri for p in actions.column("path").to_pylist() for uri in [uris.get(unquote(p))]}
+        if None in by_path.values():
+            raise RuntimeError(f"{table}: the add actions name files the snapshot does not list")
+        return [(by_path[unquote(p)], rows, low, high) for p, rows, low, high in
+                zip(actions.column("path").to_pylist(), actions.column("num_records").to_pylist(), *bounds)]
+
     def rows(self, table: str, version: int) -> int:
         """Rows of `table` at `version`, from the commit statistics (no file is read)."""
         import pyarrow as pa
@@ -161,7 +180,8 @@ class Lake:
         if self.engine == "delta-spark":
             commit = self._write_delta_spark(df, spec, app_id, replace, metadata)
         else:
-            writer = _file_writer(self.uri(spec.table), list(spec.partition_by), uuid.uuid4().hex[:8])
+            writer = _file_writer(self.uri(spec.table), list(spec.partition_by), uuid.uuid4().hex[:8],
+                                  list(spec.stats_columns))
             # Only the add actions (one small row per file) reach the driver.
             adds = [r.asDict() for r in df.mapInArrow(writer, ADD_ACTIONS_DDL).collect()]
             commit = self._commit_adds(spec, adds, app_id, replace, metadata)
@@ -187,7 +207,8 @@ class Lake:
         spec = contract(table)
         write_id = uuid.uuid4().hex[:8]
         target = self.uri(table) if self.engine == "delta-rs" else f"{self.root}/_staging/{table}-{write_id}"
-        return ArrowWriter(table, target, tuple(spec.partition_by), write_id, spec.arrow_schema())
+        return ArrowWriter(table, target, tuple(spec.partition_by), write_id, spec.arrow_schema(),
+                           tuple(spec.stats_columns))
 
     def commit_files(self, writer: "ArrowWriter", adds: list[dict], *, app_id: str,
                      replace: dict[str, str | list[str]] | None = None,
@@ -270,11 +291,12 @@ class ArrowWriter:
     partition_by: tuple[str, ...]
     write_id: str
     schema: object  # pyarrow.Schema
+    stats_columns: tuple[str, ...] = ()
 
     def batches(self, tables):
         """Write `tables` (pyarrow Tables with the contract's columns, in any order and castable types);
         yield the add actions of the files written as record batches (ADD_ACTIONS_DDL)."""
-        write = _file_writer(self.target, list(self.partition_by), self.write_id)
+        write = _file_writer(self.target, list(self.partition_by), self.write_id, list(self.stats_columns))
         names = self.schema.names
         yield from write(batch for table in tables for batch in table.select(names).cast(self.schema).to_batches())
 
@@ -322,8 +344,9 @@ def _conform(df: DataFrame, spec: Contract) -> DataFrame:
                        for n in spec.names])
 
 
-def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
-    """The executor side of a delta-rs commit: write each task's rows as Parquet, yield add actions."""
+def _file_writer(table_uri: str, partition_by: list[str], write_id: str, stats_columns: list[str]):
+    """The executor side of a delta-rs commit: write each task's rows as Parquet, yield add actions
+    (with each file's min and max of `stats_columns`)."""
 
     def write(batches):
         import datetime as dt
@@ -356,6 +379,10 @@ def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
             state["writer"].close()
             info = fs.get_file_info(f"{base}/{state['path']}")
             stats = {"numRecords": state["rows"], "nullCount": state["nulls"]}
+            ranged = [c for c in stats_columns if state["min"].get(c) is not None]
+            if ranged:
+                stats["minValues"] = {c: state["min"][c] for c in ranged}
+                stats["maxValues"] = {c: state["max"][c] for c in ranged}
             finished.append({
                 "path": state["path"], "size": info.size,
                 "partition_values": json.dumps({n: (None if v is None else str(v))
@@ -370,6 +397,7 @@ def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
                 rel = f"{directory}/{name}" if directory else name
                 fs.create_dir(f"{base}/{directory}" if directory else base, recursive=True)
                 state = {"key": key, "path": rel, "rows": 0, "nulls": {n: 0 for n in data.column_names},
+                         "min": {}, "max": {},
                          "writer": pq.ParquetWriter(fs.open_output_stream(f"{base}/{rel}"), data.schema,
                                                     compression="snappy", use_dictionary=flat_columns(data.schema))}
                 open_files[key] = state
@@ -377,6 +405,12 @@ def _file_writer(table_uri: str, partition_by: list[str], write_id: str):
             state["rows"] += data.num_rows
             for column in data.column_names:
                 state["nulls"][column] += data.column(column).null_count
+            for column in stats_columns:
+                low, high = pc.min_max(data.column(column)).values()
+                if low.is_valid:
+                    known = state["min"].get(column)
+                    state["min"][column] = low.as_py() if known is None else min(known, low.as_py())
+                    state["max"][column] = max(state["max"].get(column, high.as_py()), high.as_py())
             if state["rows"] >= _ROWS_PER_FILE:
                 close(open_files.pop(key))
 

@@ -200,6 +200,8 @@ def test_duplicates_are_dropped_and_long_sessions_capped_in_one_pass():
         "category": ["c"] * len(rows), "category_path": pa.nulls(len(rows), pa.string()), "brand": ["b"] * len(rows),
         "price": [1.0] * len(rows), "source_file": [r[5] for r in rows],
         "event_date": pa.array([r[0].date() for r in rows], pa.date32())})
+    user_hi, user_lo = clean._user_digests(b"k", table.column("user_id"))
+    table = table.append_column("user_hi", pa.array(user_hi)).append_column("user_lo", pa.array(user_lo))
     events = clean.deduplicated_sessions(table, gap_seconds=30 * 60, max_session_events=2, key=b"k").to_pylist()
     assert len(events) == 6
     assert next(r for r in events if r["item_id"] == "b")["source_file"] == "f1"
@@ -218,3 +220,15 @@ def test_raw_files_dates_leave_out_impossible_times(cleaned, lake):
     # tie this file to 1999 in the ledger that decides what nightly runs re-read.
     files = {r.path.rsplit("/", 1)[-1]: r for r in lake.read("raw_files").df.collect()}
     assert [str(d) for d in files["part-0.csv"].event_dates] == ["2026-11-01"]
+
+
+def test_events_files_hold_disjoint_user_id_ranges_and_record_them(cleaned, lake):
+    import pyarrow.parquet as pq
+
+    ranges = lake.file_ranges("events", lake.version("events"), "user_id")
+    assert len(ranges) >= 2  # two buckets (local[2]) with users in each
+    for uri, rows, low, high in ranges:
+        users = pq.read_table(uri[len("file://"):], columns=["user_id"]).column("user_id").to_pylist()
+        assert (rows, low, high) == (len(users), min(users), max(users))
+    ordered = sorted(ranges, key=lambda r: r[2])
+    assert all(before[3] < after[2] for before, after in zip(ordered, ordered[1:]))

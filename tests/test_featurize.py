@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from synth.featurize import (BOS, EOS, PAD, item_pass, item_statistics, session_tokens, sessions_of,
-                             user_contexts, user_profiles)
+                             user_contexts, user_groups, user_profiles)
 
 T0 = dt.datetime(2026, 11, 1, 10, 0, 0, tzinfo=dt.timezone.utc)
 
@@ -198,6 +198,12 @@ def test_item_statistics_do_not_depend_on_the_order_counts_arrive_in():
     for _ in range(5):
         shuffled = counts.take(pa.array(rng.permutation(rows)))
         assert featurize.item_statistics(shuffled).equals(expected)
+    # The same events counted by other tasks: each count split in two parts.
+    part = rng.integers(0, counts.column("n").to_numpy())
+    split = pa.concat_tables([counts.set_column(0, "n", pa.array(part)),
+                              counts.set_column(0, "n", pa.array(counts.column("n").to_numpy() - part))])
+    split = split.filter(pa.compute.greater(split.column("n"), 0))
+    assert featurize.item_statistics(split).equals(expected)
 
 
 def test_user_profiles_do_not_depend_on_the_order_events_arrive_in():
@@ -228,3 +234,39 @@ def test_user_profiles_do_not_depend_on_the_order_events_arrive_in():
     for _ in range(5):
         shuffled = events.take(pa.array(rng.permutation(rows)))
         assert featurize.user_profiles(shuffled, latest).equals(expected)
+
+
+def test_user_groups_keep_each_user_in_one_group():
+    # (uri, rows, min user_id, max user_id): a and b overlap through c; d and e are ranges of their own.
+    files = [("d", 3, "u5", "u6"), ("a", 2, "u1", "u2"), ("c", 2, "u2", "u4"), ("b", 1, "u3", "u3"),
+             ("e", 4, "u7", "u9"), ("empty", 0, None, None)]
+    assert user_groups(files, events_per_group=5, max_group_events=10) == [["a", "c", "b"], ["d"], ["e"]]
+    assert user_groups(files, events_per_group=8, max_group_events=10) == [["a", "c", "b", "d"], ["e"]]
+    assert user_groups(files, events_per_group=5, max_group_events=4) is None  # a, b and c hold 5 events
+    assert user_groups([*files, ("old", 1, None, None)], 5, 10) is None  # a file without its range
+
+
+def test_user_pass_over_user_groups_gives_what_the_shuffle_gives(spark, lake, make_cfg, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from synth import featurize
+    from synth.runner import run_stage
+
+    header = "event_time,event_type,product_id,category_id,category_code,brand,price,user_id,user_session"
+    lines = [f"2026-11-0{1 + d} {10 + e}:00:00 UTC,{('view', 'cart', 'purchase')[e % 3]},{100 + (u * e) % 7},"
+             f"{u % 3},,b,{1 + e}.5,{700 + u},s{u}-{d}" for u in range(12) for d in range(2) for e in range(u % 4 + 1)]
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "part-0.csv").write_text("\n".join([header, *lines]) + "\n")
+    options = {"input.source": "rees46", "spark.events_per_task": 20}
+    run_stage("clean", make_cfg(**options), spark, lake)
+
+    def tables():
+        return {t: sorted(map(str, lake.read(t).df.collect())) for t in ("sessions", "user_profiles", "session_tokens")}
+
+    with caplog.at_level(logging.INFO, logger="synth.featurize"):
+        run_stage("featurize", make_cfg(**options, **{"run.id": "grouped"}), spark, lake)
+    assert "user groups of events files" in caplog.text
+    grouped = tables()
+    monkeypatch.setattr(featurize, "user_groups", lambda *args: None)
+    run_stage("featurize", make_cfg(**options, **{"run.id": "shuffled"}), spark, lake)
+    assert tables() == grouped and len(grouped["user_profiles"]) == 12
