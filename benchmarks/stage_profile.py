@@ -118,14 +118,22 @@ def profile(tiles: Path, lake_root: Path, buckets: int) -> dict:
     catalog = [c for s in summaries for c in step("catalogue", lambda: [vocabulary.catalog(s)])]
     ids = _arrow.to_ipc(_arrow.from_ipc([_arrow.to_ipc(c.select(["item_id", "item_idx"])) for c in catalog]))
     broadcast = type("Broadcast", (), {"value": ids})
-    by_user = by_bucket(r for group in _arrow.file_groups(files, buckets)
-                        for r in step("user map", lambda: featurize._events_by_user(buckets, broadcast)(group)))
     writers = {t: lake.arrow_writer(t) for t in ("sessions", "user_profiles", "session_tokens")}
     features = featurize._user_features(writers, None, cfg.featurize.holdout_percent, cfg.featurize.window,
                                         list(cfg.featurize.gap_bucket_edges), vocabulary.category_ids,
                                         vocabulary.latest, 1)
-    for b in range(buckets):
-        step("user buckets", lambda: features(iter(by_user[b])))
+    stats = [json.loads(a["stats"]) for a in adds]
+    groups = featurize.user_groups(
+        [(uri, s["numRecords"], s.get("minValues", {}).get("user_id"), s.get("maxValues", {}).get("user_id"))
+         for uri, s in zip(files, stats)], max(1, events // buckets), 4 * max(1, events // buckets))
+    if groups is None:  # as featurize without user groups: the events shuffled to user buckets
+        by_user = by_bucket(r for group in _arrow.file_groups(files, buckets)
+                            for r in step("user map", lambda: featurize._events_by_user(buckets, broadcast)(group)))
+        for b in range(buckets):
+            step("user buckets", lambda: featurize._shuffled_users(features)(iter(by_user[b])))
+    else:
+        for group in groups:
+            step("user groups", lambda: featurize._grouped_users(features, broadcast)([group]))
     spark.stop()
     return {"events": events, "steps": dict(steps), "calls": {k: [calls_seconds[k], calls[k]] for k in calls}}
 

@@ -547,11 +547,11 @@ def gap_bucket(gap: Column, edges: list[float]) -> Column:
     return F.size(F.filter(F.array(*[F.lit(float(e)) for e in edges]), lambda edge: edge < gap))
 
 
-def user_groups(ranges, events_per_group: int, max_group_events: int) -> list[list[str]] | None:
+def user_groups(ranges, events_per_group: float, max_group_events: int) -> list[list[str]] | None:
     """The events files (URI, rows, min user_id, max user_id) in groups that each hold all events of
     their users, for the user pass to read without a shuffle: files whose user_id ranges overlap,
-    directly or through other files, share a group, and groups of adjacent ranges are merged while
-    they hold at most `events_per_group` events. None when a file with events has no range, or a
+    directly or through other files, share a group, and a group takes in the next range while that
+    brings its events nearer to `events_per_group`. None when a file with events has no range, or a
     group of overlapping files would hold more than `max_group_events` events."""
     ranges = [r for r in ranges if r[1]]
     if any(low is None or high is None for _, _, low, high in ranges):
@@ -569,7 +569,7 @@ def user_groups(ranges, events_per_group: int, max_group_events: int) -> list[li
         return None
     groups: list[list] = []
     for files, rows, _ in overlapping:
-        if groups and groups[-1][1] + rows <= events_per_group:
+        if groups and abs(groups[-1][1] + rows - events_per_group) < abs(groups[-1][1] - events_per_group):
             groups[-1][0].extend(files)
             groups[-1][1] += rows
         else:
@@ -687,8 +687,10 @@ def run(ctx) -> dict[str, int]:
     if ctx.lake.exists("item_catalog"):
         previous_files = ctx.lake.files("item_catalog", ctx.read("item_catalog").version)
     sc = ctx.spark.sparkContext
-    buckets = _arrow.task_count(sc, ctx.lake.rows("events", events.version), ctx.cfg.spark.events_per_task)
-    groups = user_groups(ctx.lake.file_ranges("events", events.version, "user_id"), ctx.cfg.spark.events_per_task,
+    events_count = ctx.lake.rows("events", events.version)
+    buckets = _arrow.task_count(sc, events_count, ctx.cfg.spark.events_per_task)
+    # As many user groups as buckets where the ranges allow: whole rounds of tasks over the cores.
+    groups = user_groups(ctx.lake.file_ranges("events", events.version, "user_id"), events_count / buckets,
                          _MAX_GROUP_TASKS * ctx.cfg.spark.events_per_task)
     # Training shards the token windows by file: at least four files, and one per training process.
     token_files = math.ceil(max(4, int(ctx.cfg.train.num_processes)) / (buckets if groups is None else max(1, len(groups))))

@@ -242,6 +242,7 @@ def test_user_groups_keep_each_user_in_one_group():
              ("e", 4, "u7", "u9"), ("empty", 0, None, None)]
     assert user_groups(files, events_per_group=5, max_group_events=10) == [["a", "c", "b"], ["d"], ["e"]]
     assert user_groups(files, events_per_group=8, max_group_events=10) == [["a", "c", "b", "d"], ["e"]]
+    assert user_groups(files, events_per_group=12, max_group_events=10) == [["a", "c", "b", "d", "e"]]
     assert user_groups(files, events_per_group=5, max_group_events=4) is None  # a, b and c hold 5 events
     assert user_groups([*files, ("old", 1, None, None)], 5, 10) is None  # a file without its range
 
