@@ -3,9 +3,9 @@
 
 `ingest.py` times the stages in Spark. This runs the same task functions (clean's map and bucket
 halves, featurize's item and user passes) one after another in this process, on the same tiled data,
-and prints the seconds of each step and of each pyarrow call. A SparkSession is started only to plan
-the CSV reads and to give the writers a lake. If these seconds are close to ingest.py's, the time is in
-the Python work, not in Spark.
+and prints the seconds of each step and of each pyarrow call, on one core with one Arrow thread, as a
+local[1] task runs. A SparkSession is started only to plan the CSV reads and to give the writers a
+lake. If these seconds are close to ingest.py's, the time is in the Python work, not in Spark.
 
 `--pair` first runs one such process alone on one core, then two at once, one per core: how much more
 work two cores of this machine do than one for this code, whatever Spark does.
@@ -153,8 +153,9 @@ def run_child(args, core: int | None, tag: str) -> subprocess.Popen:
                "--lake", str(args.work_dir / f"profile-lake-{tag}"), "--buckets", str(args.buckets),
                "--worker-memory", args.worker_memory]
     pin = (lambda: os.sched_setaffinity(0, {core})) if core is not None else None
+    # Spark gives each Python worker OMP_NUM_THREADS = spark.task.cpus (1), which sizes Arrow's thread pool.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, preexec_fn=pin,
-                            cwd=ROOT)
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def child_result(child: subprocess.Popen) -> dict:
@@ -200,10 +201,10 @@ def main() -> int:
     args.tiles = args.work_dir / f"rees46-tiled-{manifest['copies']}x-{manifest['copies_per_file']}pf"
     print(f"TILED data: {manifest['rows']:,} raw events in {args.tiles}; worker memory: {args.worker_memory}; "
           f"{args.buckets} bucket(s)")
-    if not args.pair:
-        print_profile(child_result(run_child(args, None, "alone")), args.top)
-        return 0
     cores = sorted(os.sched_getaffinity(0))
+    if not args.pair:  # on one core, as a local[1] run: pyarrow's threads would otherwise use the others
+        print_profile(child_result(run_child(args, cores[0], "alone")), args.top)
+        return 0
     if len(cores) < 2:
         raise SystemExit(f"--pair needs two CPUs, this process may use {cores}")
     alone = child_result(run_child(args, cores[0], "alone"))
