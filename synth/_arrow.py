@@ -204,7 +204,7 @@ def read_parquet(uris: list[str], columns: list[str], partition_column: str | No
 
 def task_count(sc, events: int, events_per_task: int) -> int:
     """Tasks for `events` events: whole rounds over the cores, each task of about events_per_task
-    events. Every Python task costs about 0.1 s however small, so tasks are made large."""
+    events. Every Python task costs about 0.05-0.1 s however small, so tasks are made large."""
     cores = max(1, sc.defaultParallelism)
     return cores * max(1, math.ceil(events / (events_per_task * cores)))
 
