@@ -222,13 +222,19 @@ def test_raw_files_dates_leave_out_impossible_times(cleaned, lake):
     assert [str(d) for d in files["part-0.csv"].event_dates] == ["2026-11-01"]
 
 
-def test_events_files_hold_disjoint_user_id_ranges_and_record_them(cleaned, lake):
+def test_events_files_hold_disjoint_user_id_ranges_and_record_them(spark, lake, make_cfg, tmp_path, monkeypatch):
     import pyarrow.parquet as pq
 
+    # 40 users on one date: each of the two buckets (local[2]) writes one file, and with this key both
+    # buckets get users.
+    monkeypatch.setenv("SYNTH_PSEUDONYM_KEY", "a fixed test key")
+    _write_raw(tmp_path / "raw", [f"2026-11-01 10:{m:02d}:00 UTC,view,{100 + m},5,,b,1.00,{900 + m},s{m}"
+                                  for m in range(40)])
+    run_stage("clean", make_cfg(**{"input.source": "rees46"}), spark, lake)
     ranges = lake.file_ranges("events", lake.version("events"), "user_id")
-    assert len(ranges) >= 2  # two buckets (local[2]) with users in each
+    assert len(ranges) == 2
     for uri, rows, low, high in ranges:
         users = pq.read_table(uri[len("file://"):], columns=["user_id"]).column("user_id").to_pylist()
         assert (rows, low, high) == (len(users), min(users), max(users))
     ordered = sorted(ranges, key=lambda r: r[2])
-    assert all(before[3] < after[2] for before, after in zip(ordered, ordered[1:]))
+    assert ordered[0][3] < ordered[1][2] and sum(r[1] for r in ranges) == 40
