@@ -641,9 +641,15 @@ def run(ctx) -> dict[str, int]:
     sc = spark.sparkContext
     cores = max(1, sc.defaultParallelism)
     splits = len(raw.tasks) if raw.rows is None else raw.rows.rdd.getNumPartitions()
+    tasks = cores * max(1, math.ceil(splits / cores))
+    if not plan.full:
+        # A night's few files would cut users into a few wide ranges, and featurize reads a user range of
+        # every date as one group: the ranges stay as fine as the whole table's size asks.
+        tasks = max(tasks, _arrow.task_count(sc, ctx.lake.rows("events", ctx.lake.version("events")),
+                                             cfg.spark.events_per_task))
     # Buckets are pseudonym ranges. A power-of-two count makes the ranges of runs with other counts
     # nest, so that featurize still finds user groups in events files written by several runs.
-    tasks = 1 << (cores * max(1, math.ceil(splits / cores)) - 1).bit_length()
+    tasks = 1 << (tasks - 1).bit_length()
     events_writer = ctx.lake.arrow_writer("events")
     quarantine_writer = ctx.lake.arrow_writer("quarantine")
     if raw.rows is None:

@@ -118,3 +118,30 @@ def test_a_file_rewritten_upstream_replaces_its_dates(nightly):
     assert (counts["files_read"], counts["raw"], counts["clean"], counts["quarantined"]) == (1, 5, 4, 1)
     assert sum(e[3] == "2026-11-02" for e in _events(lake)) == 4
     assert _events(lake) == _events(full(**{"clean.max_quarantine_share": 0.5}))
+
+
+def test_nightly_runs_keep_user_ranges_fine_enough_for_featurize_groups(nightly, spark, monkeypatch, caplog):
+    import logging
+
+    raw, run, _ = nightly
+    monkeypatch.setenv("SYNTH_PSEUDONYM_KEY", "a fixed test key")
+    users = list(range(1000, 1040))
+    for part in range(8):  # the first night: 160 events in 8 files read as 8 tasks, so 8 buckets
+        _write(raw, f"2026-11-01-{part}.csv", _day("2026-11-01", users=users[part::8]))
+    # At 20 events per task featurize's user groups may hold up to 4 x 20 events.
+    options = {"spark.events_per_task": 20}
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "2048")
+    try:
+        run("n1", featurize=True, **options)
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+    _write(raw, "2026-11-02.csv", _day("2026-11-02", users=users))
+    with caplog.at_level(logging.INFO, logger="synth.featurize"):
+        counts, lake = run("n2", featurize=True, **options)
+    # The night's one file alone would make 2 buckets (local[2]): two ranges of 20 users, each over 4
+    # of the first night's ranges, groups of 160 events, and featurize would shuffle. The table's
+    # 160 events ask for 8 ranges, as fine as the first night's.
+    assert counts["files_read"] == 1
+    assert "user groups of events files" in caplog.text
+    ranges = lake.file_ranges("events", lake.version("events"), "user_id")
+    assert len([r for r in ranges if "event_date=2026-11-02" in r[0]]) == 8
