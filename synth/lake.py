@@ -155,7 +155,8 @@ class Lake:
             if self.engine == "delta-spark":
                 df = self.spark.read.format("delta").option("versionAsOf", pinned).load(self.uri(table))
             else:
-                files = dt.file_uris()
+                # delta-rs names files percent-encoded (a space is %20); Spark's paths take them plain.
+                files = [unquote(u) for u in dt.file_uris()]
                 if files:
                     df = (self.spark.read.schema(spec.spark_schema())
                           .option("basePath", self._local_path(table)).parquet(*files))

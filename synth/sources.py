@@ -345,7 +345,7 @@ def _first_line(spark: SparkSession, file: str, encoding: str) -> str | None:
     """The first non-blank line of a file (its header), read on the driver through Hadoop's FileSystem."""
     jvm = spark.sparkContext._jvm
     conf = spark.sparkContext._jsc.hadoopConfiguration()
-    path = jvm.org.apache.hadoop.fs.Path(file)
+    path = _hadoop_path(jvm, file)
     fs = path.getFileSystem(conf)
     if fs.getFileStatus(path).getLen() == 0:
         return None
@@ -875,16 +875,23 @@ def _date_bound(value: Any, key: str) -> dt.date | None:
         raise SourceError(f"{key} must be a date YYYY-MM-DD, not {value!r}") from None
 
 
+def _hadoop_path(jvm, path: str):
+    """A Hadoop Path of a file as the listings name it: a URI, percent-encoded (a space is %20), or a
+    plain path."""
+    fs = jvm.org.apache.hadoop.fs
+    return fs.Path(jvm.java.net.URI(path)) if "://" in path or path.startswith("file:") else fs.Path(path)
+
+
 def _status(spark: SparkSession, path: str):
     """Hadoop's FileStatus of a file (size, modification time), through the JVM."""
-    hadoop_path = spark.sparkContext._jvm.org.apache.hadoop.fs.Path(path)
+    hadoop_path = _hadoop_path(spark.sparkContext._jvm, path)
     return hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).getFileStatus(hadoop_path)
 
 
 def _compressed(spark: SparkSession, path: str) -> bool:
     jvm = spark.sparkContext._jvm
     factory = jvm.org.apache.hadoop.io.compress.CompressionCodecFactory(spark.sparkContext._jsc.hadoopConfiguration())
-    return factory.getCodec(jvm.org.apache.hadoop.fs.Path(path)) is not None
+    return factory.getCodec(_hadoop_path(jvm, path)) is not None
 
 
 def _on_arrow(feed: _Feed) -> bool:

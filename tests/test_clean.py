@@ -238,3 +238,18 @@ def test_events_files_hold_disjoint_user_id_ranges_and_record_them(spark, lake, 
         assert (rows, low, high) == (len(users), min(users), max(users))
     ordered = sorted(ranges, key=lambda r: r[2])
     assert ordered[0][3] < ordered[1][2] and sum(r[1] for r in ranges) == 40
+
+
+def test_input_and_lake_folders_with_spaces(spark, make_cfg, tmp_path):
+    from synth.lake import Lake
+
+    raw, root = tmp_path / "raw files", tmp_path / "a lake"
+    _write_raw(raw, GOOD)
+    options = {"input.source": "rees46", "input.path": str(raw), "lake.root": str(root)}
+    lake = Lake(spark, str(root))
+    assert run_stage("clean", make_cfg(**options), spark, lake)["clean"] == len(GOOD)
+    assert run_stage("featurize", make_cfg(**options), spark, lake)["users"] == 2
+    (raw / "part-1.csv").write_text(HEADER + "\n" + GOOD[0].replace("2026-11-01", "2026-11-02") + "\n")
+    nightly = run_stage("clean", make_cfg(**options, **{"run.id": "night-2"}), spark, lake)
+    assert (nightly["files_read"], nightly["clean"]) == (1, 1)
+    assert sorted(r.path.rsplit("/", 1)[-1] for r in lake.read("raw_files").df.collect()) == ["part-0.csv", "part-1.csv"]
