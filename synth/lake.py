@@ -126,12 +126,9 @@ class Lake:
         actions = pa.table(dt.get_add_actions(flatten=True))
         bounds = [actions.column(f"{bound}.{column}").to_pylist() if f"{bound}.{column}" in actions.column_names
                   else [None] * actions.num_rows for bound in ("min", "max")]
-        uris = {unquote(path): uri for uri in self.files(table, version)
-                for path in [uri[len(self.uri(table).rstrip("/")) + 1:]]}
-        by_path = {unquote(p): uri for p in actions.column("path").to_pylist() for uri in [uris.get(unquote(p))]}
-        if None in by_path.values():
-            raise RuntimeError(f"{table}: the add actions name files the snapshot does not list")
-        return [(by_path[unquote(p)], rows, low, high) for p, rows, low, high in
+        # The snapshot's URIs by their path in the table, as the add actions name them.
+        uris = {unquote(uri[len(self.uri(table)) + 1:]): uri for uri in self.files(table, version)}
+        return [(uris[unquote(path)], rows, low, high) for path, rows, low, high in
                 zip(actions.column("path").to_pylist(), actions.column("num_records").to_pylist(), *bounds)]
 
     def rows(self, table: str, version: int) -> int:
