@@ -18,11 +18,12 @@ _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 
 
-def hash64(values) -> "np.ndarray":
+def hash64(values, distinct: bool = False) -> "np.ndarray":
     """A 64-bit hash of each string (nulls hash as ""), the same in every process and on every machine.
 
     FNV-1a over the UTF-8 bytes, then the splitmix64 finalizer so the top bits are as mixed as the low
-    ones (range_bucket cuts on the top bits). Each distinct value is hashed once.
+    ones (range_bucket cuts on the top bits). Each distinct value is hashed once; `distinct`: the values
+    are known to be distinct and not null, which spares finding the distinct ones.
     """
     import numpy as np
     import pyarrow as pa
@@ -30,22 +31,40 @@ def hash64(values) -> "np.ndarray":
 
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
+    if distinct:
+        return mix64(_fnv1a(values.cast(pa.string())))
     encoded = pc.dictionary_encode(pc.fill_null(values.cast(pa.string()), ""))
-    distinct = encoded.dictionary.cast(pa.large_string())
-    n = len(distinct)
-    offsets = np.frombuffer(distinct.buffers()[1], np.int64, count=n + 1, offset=8 * distinct.offset)
-    data = distinct.buffers()[2]
+    return mix64(_fnv1a(encoded.dictionary))[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _fnv1a(strings) -> "np.ndarray":
+    """FNV-1a of each string of a string array without nulls. Strings of one length are hashed as the
+    columns of one byte matrix: a vectorized step per byte position, over contiguous rows (a third
+    faster than stepping all strings by position through index arrays)."""
+    import numpy as np
+    import pyarrow as pa
+
+    strings = strings.cast(pa.large_string())
+    n = len(strings)
+    offsets = np.frombuffer(strings.buffers()[1], np.int64, count=n + 1, offset=8 * strings.offset)
+    data = strings.buffers()[2]
     data = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
     starts, lengths = offsets[:-1], np.diff(offsets)
     h = np.full(n, _FNV_OFFSET, np.uint64)
-    active = np.arange(n)
-    position = 0
+    prime = np.uint64(_FNV_PRIME)
     with np.errstate(over="ignore"):
-        while active.size:
-            active = active[lengths[active] > position]
-            h[active] = (h[active] ^ data[starts[active] + position]) * np.uint64(_FNV_PRIME)
-            position += 1
-    return mix64(h)[encoded.indices.to_numpy(zero_copy_only=False)]
+        for length in np.unique(lengths[lengths > 0]).tolist():
+            if lengths[0] == length and lengths[-1] == length and (lengths == length).all():
+                rows, block = slice(None), data[starts[0]:starts[0] + n * length].reshape(n, length)
+            else:
+                rows = np.flatnonzero(lengths == length)
+                block = data[starts[rows, None] + np.arange(length)]
+            part = h[rows]
+            for position in range(length):
+                part ^= block[:, position]
+                part *= prime
+            h[rows] = part
+    return h
 
 
 def mix64(values):

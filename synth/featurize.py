@@ -142,22 +142,24 @@ def item_statistics(table):
     median[items_reached] = price[reached[first_reached]]
 
     def most_frequent(column: str) -> pa.Array:
-        """Per item (in item order), its value of `column` with the most events; ties: the lowest."""
-        runs, item_starts = sorted_runs(column)
-        item_first = np.flatnonzero(item_starts)
-        values = runs.column(column).combine_chunks()
-        run_start = np.flatnonzero(~(_arrow.same_as_previous(runs.column("item_id"))
-                                     & _arrow.same_as_previous(values)))
-        events = np.add.reduceat(runs.column("n").to_numpy(), run_start)
-        events[values.is_null().to_numpy(zero_copy_only=False)[run_start]] = -1  # a null is no value
-        run_item = np.searchsorted(item_first, run_start, side="right") - 1
-        best = np.maximum.reduceat(events, np.searchsorted(run_start, item_first))
-        winners = np.flatnonzero(events == best[run_item])
-        chosen_items, first_winner = np.unique(run_item[winners], return_index=True)
-        pick = np.full(len(item_first), -1, np.int64)
-        pick[chosen_items] = run_start[winners[first_winner]]
-        pick[best < 0] = -1
-        return values.take(pa.array(pick, mask=pick < 0))
+        """Per item (in item order), its value of `column` with the most events; ties: the lowest.
+        Values are taken as their ranks in string order, so that (item, value) pairs are integers."""
+        values = rows.column(column).combine_chunks()
+        known = np.flatnonzero(values.is_valid().to_numpy(zero_copy_only=False))
+        rank, names = _ranks(values.take(pa.array(known)))
+        pairs = group[known] * max(1, len(names)) + rank
+        order = np.argsort(pairs, kind="stable")
+        pairs = pairs[order]
+        pair_start = np.flatnonzero(np.diff(pairs, prepend=-1) != 0)
+        events = np.add.reduceat(n[known][order], pair_start) if len(pair_start) else np.zeros(0, np.int64)
+        pair_item, pair_value = np.divmod(pairs[pair_start], max(1, len(names)))
+        item_start = np.flatnonzero(np.diff(pair_item, prepend=-1) != 0)
+        best = np.maximum.reduceat(events, item_start) if len(item_start) else events
+        winners = np.flatnonzero(events == np.repeat(best, np.diff(np.append(item_start, len(events)))))
+        chosen_items, first_winner = np.unique(pair_item[winners], return_index=True)
+        pick = np.full(len(first), -1, np.int64)
+        pick[chosen_items] = pair_value[winners[first_winner]]
+        return names.take(pa.array(pick, mask=pick < 0))
 
     def nullable(values, valid):
         return pa.array(values, mask=~valid)
@@ -187,7 +189,7 @@ def catalog_bucket(stats, previous):
     rows = pa.concat_tables([current.select(columns), retired.select(columns).cast(current.select(columns).schema)])
     new = np.flatnonzero(rows.column("item_idx").is_null().to_numpy(zero_copy_only=False))
     ids = rows.column("item_id").take(pa.array(new))
-    order = pc.sort_indices(pa.table({"hash": _arrow.hash64(ids), "id": ids}),
+    order = pc.sort_indices(pa.table({"hash": _arrow.hash64(ids, distinct=True), "id": ids}),
                             sort_keys=[("hash", "ascending"), ("id", "ascending")]).to_numpy()
     rank = np.full(rows.num_rows, -1, np.int64)
     rank[new[order]] = np.arange(len(new))
@@ -297,36 +299,40 @@ def sessions_of(events, holdout_percent: int):
     import numpy as np
     import pyarrow.compute as pc
 
-    events = events.take(pc.sort_indices(events, sort_keys=[
+    order = pc.sort_indices(events, sort_keys=[
         ("event_date", "ascending"), ("session_id", "ascending"), ("event_time", "ascending"),
-        ("event_id", "ascending")]))
-    session = events.column("session_id").combine_chunks()
+        ("event_id", "ascending")])
+    # Only the columns listed per event are reordered whole; the others are taken at session starts.
+    ordered = events.select(["session_id", "event_time", "event_type", "item_id", "item_idx", "category",
+                             "price"]).take(order)
+    session = ordered.column("session_id").combine_chunks()
     n = len(session)
     starts = ~_arrow.same_as_previous(session)
     first = np.flatnonzero(starts)
     offsets = pa.array(np.append(first, n).astype(np.int32))
+    at_start = order.take(pa.array(first))
 
     def listed(values):
         return pa.ListArray.from_arrays(offsets, values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values)
 
-    seconds = events.column("event_time").combine_chunks().cast(pa.int64()).to_numpy() / 1e6
+    seconds = ordered.column("event_time").combine_chunks().cast(pa.int64()).to_numpy() / 1e6
     gaps = np.diff(seconds, prepend=seconds[:1])
     gaps[starts] = 0.0
     ids = session.take(pa.array(first))
-    holdout = (_arrow.hash64(ids) % np.uint64(100)) < np.uint64(holdout_percent)
+    holdout = (_arrow.hash64(ids, distinct=True) % np.uint64(100)) < np.uint64(holdout_percent)
     return pa.table({
         "session_id": ids,
-        "user_id": events.column("user_id").take(pa.array(first)),
-        "start_time": events.column("event_time").take(pa.array(first)),
+        "user_id": events.column("user_id").take(at_start),
+        "start_time": ordered.column("event_time").take(pa.array(first)),
         "n_events": pa.array(np.diff(np.append(first, n)).astype(np.int32)),
-        "event_types": listed(events.column("event_type")),
-        "item_ids": listed(events.column("item_id")),
-        "item_idx": listed(pc.fill_null(events.column("item_idx"), 0).cast(pa.int32())),
-        "categories": listed(events.column("category")),
-        "prices": listed(events.column("price")),
+        "event_types": listed(ordered.column("event_type")),
+        "item_ids": listed(ordered.column("item_id")),
+        "item_idx": listed(pc.fill_null(ordered.column("item_idx"), 0).cast(pa.int32())),
+        "categories": listed(ordered.column("category")),
+        "prices": listed(ordered.column("price")),
         "gap_seconds": listed(pa.array(gaps)),
         "split": pa.array(np.where(holdout, "holdout", "train")),
-        "event_date": events.column("event_date").take(pa.array(first)),
+        "event_date": events.column("event_date").take(at_start),
     })
 
 
