@@ -206,6 +206,34 @@ def test_item_statistics_do_not_depend_on_the_order_counts_arrive_in():
     assert featurize.item_statistics(split).equals(expected)
 
 
+def test_item_statistics_pick_the_value_with_most_events_and_the_lowest_of_ties():
+    """Against a plain Python count on random counts with nulls and many ties."""
+    import collections
+
+    import numpy as np
+    import pyarrow as pa
+
+    from synth import featurize
+
+    rng = np.random.default_rng(11)
+    rows = 4000
+    counts = pa.table({"n": pa.array(rng.integers(1, 4, rows)),
+                       "item_id": pa.array([f"i{i}" for i in rng.integers(0, 300, rows)]),
+                       "category": pa.array([None if c == "-" else c for c in rng.choice(["-", "b", "a", "ba", "B"], rows)]),
+                       "brand": pa.array([None if c == "-" else c for c in rng.choice(["-", "-", "y", "x"], rows)]),
+                       "price": pa.array(rng.choice([1.0, 2.0], rows))})
+    totals = {c: collections.defaultdict(collections.Counter) for c in ("category", "brand")}
+    for row in counts.to_pylist():
+        for column in totals:
+            if row[column] is not None:
+                totals[column][row["item_id"]][row[column]] += row["n"]
+    for row in featurize.item_statistics(counts).to_pylist():
+        for column, by_item in totals.items():
+            events = by_item.get(row["item_id"])
+            expected = min(events, key=lambda value: (-events[value], value)) if events else None
+            assert row[column] == expected, (row["item_id"], column, dict(events or {}))
+
+
 def test_user_profiles_do_not_depend_on_the_order_events_arrive_in():
     """A user bucket's events come in fetch order, which a cluster does not fix; float sums (monetary)
     must come out bit for bit the same."""
