@@ -21,13 +21,11 @@ quarantine threshold, then commits events, or deletes their files when a check f
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
 import hmac
 import json
 import logging
 import math
-import operator
 import os
 import secrets
 from dataclasses import dataclass
@@ -303,15 +301,19 @@ def _with_raw_lines(rows, pieces: dict):
 def _digests(key: bytes, messages):
     """Keyed BLAKE2b-128 (RFC 7693's MAC mode) of each message of a string array, as two uint64 columns.
 
-    BLAKE2b's keyed mode is a PRF like HMAC-SHA256, at a third of its cost per call here (0.6 against
-    1.9 us); the calls run in C-level maps."""
+    BLAKE2b's keyed mode is a PRF like HMAC-SHA256, at a third of its cost per call here. Each message
+    continues a copy of one keyed state: a third faster than keying a new hash object per message."""
     import numpy as np
 
     if len(key) > 64:  # BLAKE2b takes keys of up to 64 bytes; longer ones are hashed down, as HMAC does
         key = hashlib.blake2b(key).digest()
-    keyed = functools.partial(hashlib.blake2b, key=key, digest_size=16)
-    digests = b"".join(map(operator.methodcaller("digest"), map(keyed, messages.cast(pa.binary()).to_pylist())))
-    return np.frombuffer(digests, ">u8").reshape(-1, 2).astype(np.uint64)
+    keyed = hashlib.blake2b(key=key, digest_size=16)
+    digests = []
+    for message in messages.cast(pa.binary()).to_pylist():
+        state = keyed.copy()
+        state.update(message)
+        digests.append(state.digest())
+    return np.frombuffer(b"".join(digests), ">u8").reshape(-1, 2).astype(np.uint64)
 
 
 def _user_digests(key: bytes, user_ids):
