@@ -20,6 +20,7 @@ import schemas
 from synth import config
 from synth.config import STAGES, Config
 from synth.lake import ArrowWriter, Commit, Lake, Snapshot
+from synth.spark import start_python_workers
 
 log = logging.getLogger("synth")
 
@@ -87,6 +88,7 @@ def run_stage(stage: str, cfg: Config, spark: SparkSession, lake: Lake, force: b
     clock = time.time()
     module = importlib.import_module(f"synth.{stage}")
     spark.sparkContext.setJobGroup(f"synth-{stage}", f"{stage} stage, run {ctx.run_id}")
+    start_python_workers(spark, [module.__name__, "pyarrow.compute", "pyarrow.parquet"])
     counts = {k: int(v) for k, v in (module.run(ctx) or {}).items()}
     ledger = {"started_at": started, "finished_at": dt.datetime.now(dt.timezone.utc),
               "input_versions": ctx.input_versions, "output_versions": ctx.output_versions, "counts": counts,

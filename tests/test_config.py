@@ -63,6 +63,28 @@ def test_local_workers_run_the_daemon_that_keeps_zip_directories(spark):
     assert patched.startswith("_invalidate_when_changed.") == (sys.version_info < (3, 12))
 
 
+def test_python_workers_start_in_the_background_once_per_session(spark, monkeypatch):
+    from synth.spark import start_python_workers
+
+    sc = spark.sparkContext
+    monkeypatch.setattr(sc, "_synth_workers_started", False, raising=False)
+    sc.setJobGroup("start-workers-test", "a stage")
+    try:
+        thread = start_python_workers(spark, ["synth.clean", "xml.dom.minidom"])
+        thread.join(120)
+        assert not thread.is_alive()
+        assert start_python_workers(spark, ["synth.clean"]) is None  # once per SparkContext
+        jobs = [sc.statusTracker().getJobInfo(j) for j in sc.statusTracker().getJobIdsForGroup("start-workers-test")]
+        assert [job.status for job in jobs] == ["SUCCEEDED"]  # in the stage's job group, the imports worked
+        # A module the workers cannot import fails the background job only: the stage goes on.
+        monkeypatch.setattr(sc, "_synth_workers_started", False)
+        start_python_workers(spark, ["synth.no_such_module"]).join(120)
+        assert sc.parallelize([1, 2], 2).sum() == 3
+    finally:
+        for key in ("spark.jobGroup.id", "spark.job.description"):
+            sc.setLocalProperty(key, None)
+
+
 def test_a_zip_directory_is_read_again_only_when_its_file_changed(tmp_path, monkeypatch):
     import os
     import zipfile
