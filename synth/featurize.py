@@ -365,14 +365,12 @@ def user_profiles(events, latest):
     flags = {column: pc.fill_null(pc.equal(event_type, name), False).to_numpy(zero_copy_only=False)
              for name, column in (("view", "n_views"), ("cart", "n_carts"), ("purchase", "n_purchases"),
                                   ("search", "n_searches"))}
-    # A session belongs to one user (clean keys sessions by user), so each distinct session counts once
-    # for the user of its events: any integer code of the sessions does, without sorting pairs.
+    # Distinct (user, session) pairs: any integer code of the sessions counts them, ranks are not needed.
     session_ids = events.column("session_id")
     session = pc.dictionary_encode(session_ids.combine_chunks() if isinstance(session_ids, pa.ChunkedArray)
-                                   else session_ids).indices.to_numpy(zero_copy_only=False)
-    user_of_session = np.zeros(session.max(initial=-1) + 1, np.int64)
-    user_of_session[session] = user
-    sessions_per_user = np.bincount(user_of_session, minlength=n_users)
+                                   else session_ids).indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    per_user = session.max(initial=0) + 1  # (user, session) pairs as one integer
+    sessions_per_user = np.bincount(np.unique(user * per_user + session) // per_user, minlength=n_users)
     time_type = events.column("event_time").type
     micros = events.column("event_time").combine_chunks().cast(pa.int64()).to_numpy(zero_copy_only=False)
     by_user = np.argsort(user, kind="stable")
