@@ -116,7 +116,7 @@ def profile(tiles: Path, lake_root: Path, buckets: int) -> dict:
                  for s in step("item buckets", lambda: featurize._catalog_buckets(b, iter(counted[b])))]
     vocabulary = featurize.Vocabulary.of([s[:2] for s in summaries])
     catalog = [c for s in summaries for c in step("catalogue", lambda: [vocabulary.catalog(s)])]
-    ids = _arrow.to_ipc(_arrow.from_ipc([_arrow.to_ipc(c.select(["item_id", "item_idx"])) for c in catalog]))
+    ids = featurize.item_lookup([_arrow.to_ipc(featurize._catalog_ids(c)) for c in catalog])
     broadcast = type("Broadcast", (), {"value": ids})
     writers = {t: lake.arrow_writer(t) for t in ("sessions", "user_profiles", "session_tokens")}
     features = featurize._user_features(writers, None, cfg.featurize.holdout_percent, cfg.featurize.window,

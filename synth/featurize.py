@@ -586,12 +586,63 @@ def user_groups(ranges, events_per_group: float, max_group_events: int) -> list[
     return [files for files, _ in groups]
 
 
-def _with_item_idx(events, catalog_ids):
-    """`events` with their item's item_idx, from the broadcast (item_id, item_idx) of the catalogue."""
+def _item_numbers(item_ids):
+    """Each item id as the integer it spells in canonical decimal form ("17", "-3"; not "017", "+17",
+    " 17" or "1e3"), else null."""
     import pyarrow.compute as pc
 
-    catalog = _arrow.from_ipc([catalog_ids.value])
-    item_idx = catalog.column("item_idx").take(pc.index_in(events.column("item_id"), value_set=catalog.column("item_id")))
+    ids = item_ids.combine_chunks() if isinstance(item_ids, pa.ChunkedArray) else item_ids
+    try:
+        numbers = pc.cast(ids, pa.int64())
+    except pa.ArrowInvalid:  # not every id is an integer: only those spelled as one are cast
+        spelled = pc.fill_null(pc.match_substring_regex(ids, r"^-?[0-9]{1,18}$"), False)
+        numbers = pc.if_else(spelled, ids, pa.scalar(None, pa.string())).cast(pa.int64())
+    canonical = pc.fill_null(pc.equal(pc.cast(numbers, pa.string()), ids), False)
+    return pc.if_else(canonical, numbers, pa.scalar(None, pa.int64()))
+
+
+def _catalog_ids(rows):
+    """A catalogue bucket's part of the item lookup: (item_id, item_idx, item_number)."""
+    return pa.table({"item_id": rows.column("item_id"), "item_idx": rows.column("item_idx"),
+                     "item_number": _item_numbers(rows.column("item_id"))})
+
+
+def item_lookup(parts) -> bytes:
+    """The user pass's item lookup from the catalogue buckets' _catalog_ids (IPC blobs), as the IPC blob
+    every task reads: (item_id, item_idx); or, where every item id is an integer in canonical decimal
+    form, as in most warehouses, (item_number, item_idx) sorted by number. Tasks then look ids up by
+    binary search instead of each building a hash table of the whole catalogue's ids (0.21 against
+    0.41 s per 1.25M events with 1.86M items)."""
+    import numpy as np
+
+    ids = _arrow.from_ipc(parts)
+    if ids is not None and ids.num_rows and ids.column("item_number").null_count == 0:
+        numbers = ids.column("item_number").combine_chunks()
+        order = pa.array(np.argsort(numbers.to_numpy(), kind="stable"))
+        return _arrow.to_ipc(pa.table({"item_number": numbers.take(order),
+                                       "item_idx": ids.column("item_idx").combine_chunks().take(order)}))
+    if ids is None:
+        return _arrow.to_ipc(pa.table({"item_id": pa.array([], pa.string()), "item_idx": pa.array([], pa.int32())}))
+    return _arrow.to_ipc(ids.select(["item_id", "item_idx"]))
+
+
+def _with_item_idx(events, lookup):
+    """`events` with their item's item_idx (null where the item is not in the catalogue), from the
+    broadcast item_lookup."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    catalog = _arrow.from_ipc([lookup.value])
+    item_ids = events.column("item_id")
+    if "item_number" in catalog.column_names:
+        numbers = _item_numbers(item_ids)
+        keys = catalog.column("item_number").combine_chunks().to_numpy()
+        wanted = numbers.fill_null(0).to_numpy(zero_copy_only=False)
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        found = numbers.is_valid().to_numpy(zero_copy_only=False) & (keys[at] == wanted)
+        item_idx = catalog.column("item_idx").combine_chunks().take(pa.array(at, mask=~found))
+    else:
+        item_idx = catalog.column("item_idx").take(pc.index_in(item_ids, value_set=catalog.column("item_id")))
     return events.append_column("item_idx", item_idx)
 
 
@@ -715,7 +766,7 @@ def run(ctx) -> dict[str, int]:
                 rows = vocabulary.catalog(record)
                 for add in writer([rows]):
                     yield "add", add
-                yield "ids", _arrow.to_ipc(rows.select(["item_id", "item_idx"]))
+                yield "ids", _arrow.to_ipc(_catalog_ids(rows))
 
         written_catalog = items.mapPartitions(write_catalog).collect()
         catalog_commit = ctx.commit_files(writer, [add for kind, add in written_catalog if kind == "add"])
@@ -728,7 +779,7 @@ def run(ctx) -> dict[str, int]:
             log.info("featurize: no event dates changed since the last run; sessions stay as they are")
         ctx.artifacts["session_dates"] = "all" if dates is None else ",".join(dates)
         # Items, not events, reach the driver: the ids every task of the user pass looks events up in.
-        catalog_ids = sc.broadcast(_arrow.to_ipc(_arrow.from_ipc([ids for kind, ids in written_catalog if kind == "ids"])))
+        catalog_ids = sc.broadcast(item_lookup([ids for kind, ids in written_catalog if kind == "ids"]))
         writers = {table: ctx.lake.arrow_writer(table) for table in ("sessions", "user_profiles", "session_tokens")}
         features = _user_features(writers, dates, cfg.holdout_percent, cfg.window, list(cfg.gap_bucket_edges),
                                   vocabulary.category_ids, vocabulary.latest, token_files)

@@ -234,6 +234,30 @@ def test_item_statistics_pick_the_value_with_most_events_and_the_lowest_of_ties(
             assert row[column] == expected, (row["item_id"], column, dict(events or {}))
 
 
+@pytest.mark.parametrize("catalog_ids, numeric", [
+    (["17", "3", "-5", "900000000000000001", "42"], True),
+    (["17", "3", "007", "42"], False),  # "007" is not how 7 is spelled: the lookup keeps the strings
+    (["17", "a-3", "42"], False),
+])
+def test_item_lookup_by_number_or_by_string_finds_what_a_string_lookup_finds(catalog_ids, numeric):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from synth import _arrow, featurize
+
+    catalog = pa.table({"item_id": pa.array(catalog_ids), "item_idx": pa.array(range(1, len(catalog_ids) + 1), pa.int32())})
+    # Two catalogue buckets, as the item pass writes them.
+    lookup = featurize.item_lookup([_arrow.to_ipc(featurize._catalog_ids(catalog.slice(0, 2))),
+                                    _arrow.to_ipc(featurize._catalog_ids(catalog.slice(2)))])
+    assert ("item_number" in _arrow.from_ipc([lookup]).column_names) == numeric
+    wanted = [*catalog_ids, None, "7", "017", "+17", " 17", "x", "99999999999999999999", "42", "-5", "3"]
+    events = pa.table({"item_id": pa.array(wanted, pa.string())})
+    found = featurize._with_item_idx(events, type("Broadcast", (), {"value": lookup})).column("item_idx")
+    expected = catalog.column("item_idx").take(pc.index_in(events.column("item_id"), value_set=catalog.column("item_id")))
+    assert found.to_pylist() == expected.to_pylist()
+    assert found.to_pylist()[:len(catalog_ids)] == list(range(1, len(catalog_ids) + 1))
+
+
 def test_user_profiles_do_not_depend_on_the_order_events_arrive_in():
     """A user bucket's events come in fetch order, which a cluster does not fix; float sums (monetary)
     must come out bit for bit the same."""
