@@ -355,8 +355,8 @@ def cores_of(master: str) -> int:
     return os.cpu_count() or 1
 
 
-def run_master(args, master: str, tiles: Path, stamp: str, shuffle_partitions: int) -> dict:
-    tag = re.sub(r"[^A-Za-z0-9]+", "", master)
+def run_master(args, master: str, tiles: Path, stamp: str, shuffle_partitions: int, round_: int = 1) -> dict:
+    tag = re.sub(r"[^A-Za-z0-9]+", "", master) + (f"-r{round_}" if args.repeat > 1 else "")
     lake = args.work_dir / f"lake-{stamp}-{tag}"
     shutil.rmtree(lake, ignore_errors=True)
     result_path = args.work_dir / f"child-{stamp}-{tag}.json"
@@ -460,15 +460,44 @@ def figures(results: list[dict]) -> None:
         }
 
 
+def median_runs(results: list[dict]) -> dict[int, dict]:
+    """Per core count, the run with the median clean+featurize throughput (the lower middle one of an
+    even count): with --repeat, what the targets are checked on."""
+    by_cores: dict[int, list] = {}
+    for run in results:
+        by_cores.setdefault(run["cores"], []).append(run)
+    return {cores: sorted(runs, key=lambda r: r["together"]["events_per_s"])[(len(runs) - 1) // 2]
+            for cores, runs in by_cores.items()}
+
+
 def ratios(results: list[dict]) -> dict:
-    by_cores = {run["cores"]: run for run in results}
+    """local[2] over local[1] throughput, per stage and together, of the median runs (with --repeat:
+    medians of each stage over the rounds)."""
+    by_cores: dict[int, list] = {}
+    for run in results:
+        by_cores.setdefault(run["cores"], []).append(run)
     if 1 not in by_cores or 2 not in by_cores:
         return {}
+
+    def median(runs, value):
+        values = sorted(value(r) for r in runs)
+        return values[(len(values) - 1) // 2]
+
     one, two = by_cores[1], by_cores[2]
-    out = {stage: round(two["stages"][stage]["events_per_s"] / one["stages"][stage]["events_per_s"], 3)
-           for stage in STAGES}
-    out["clean+featurize"] = round(two["together"]["events_per_s"] / one["together"]["events_per_s"], 3)
+    out = {stage: round(median(two, lambda r: r["stages"][stage]["events_per_s"])
+                        / median(one, lambda r: r["stages"][stage]["events_per_s"]), 3) for stage in STAGES}
+    out["clean+featurize"] = round(median(two, lambda r: r["together"]["events_per_s"])
+                                   / median(one, lambda r: r["together"]["events_per_s"]), 3)
     return out
+
+
+def round_ratios(results: list[dict]) -> list[float]:
+    """The clean+featurize ratio of each round's local[2] run over the same round's local[1] run."""
+    rounds: dict[int, dict] = {}
+    for run in results:
+        rounds.setdefault(run.get("round", 1), {})[run["cores"]] = run
+    return [round(r[2]["together"]["events_per_s"] / r[1]["together"]["events_per_s"], 3)
+            for _, r in sorted(rounds.items()) if 1 in r and 2 in r]
 
 
 def print_report(manifest: dict, results: list[dict], scale: dict, load_now: list[float]) -> None:
@@ -476,11 +505,12 @@ def print_report(manifest: dict, results: list[dict], scale: dict, load_now: lis
           f"copied {manifest['copies']}x = {manifest['rows']:,} raw events in {manifest['files']} files "
           f"({manifest['bytes'] / 2**20:.0f} MiB, uncompressed); per copy user ids +{USER_OFFSET:,}, product ids "
           f"+{PRODUCT_OFFSET:,}, sessions suffixed, time +{manifest['shift_seconds']:.0f} s.")
-    header = (f"{'master':<9} {'stage':<16} {'events':>10} {'seconds':>8} {'events/s':>10} {'ev/s/core':>10} "
+    header = (f"{'master':<12} {'stage':<16} {'events':>10} {'seconds':>8} {'events/s':>10} {'ev/s/core':>10} "
               f"{'ev/CPU-s':>9} {'CPU used':>8} {'driver RSS':>11} {'workers RSS':>12} {'workers PSS':>12} {'load1':>11}")
     print(header)
     print("-" * len(header))
     for run in results:
+        name = run["master"] + (f" #{run['round']}" if run.get("rounds", 1) > 1 else "")
         for stage in (*STAGES, "clean+featurize"):
             s = run["together"] if stage == "clean+featurize" else run["stages"][stage]
             if stage == "clean+featurize":
@@ -490,7 +520,7 @@ def print_report(manifest: dict, results: list[dict], scale: dict, load_now: lis
             else:
                 load = f"{s['load_start'][0]:.2f}-{s['load_end'][0]:.2f}"
                 per_cpu = f"{s['events_per_cpu_s']:.0f}" if s["events_per_cpu_s"] else "-"
-            print(f"{run['master']:<9} {stage:<16} {s['events']:>10,} {s['seconds']:>8.1f} {s['events_per_s']:>10,.0f} "
+            print(f"{name:<12} {stage:<16} {s['events']:>10,} {s['seconds']:>8.1f} {s['events_per_s']:>10,.0f} "
                   f"{s['events_per_s_per_core']:>10,.0f} {per_cpu:>9} {s['cores_used']:>8.2f} {s['peak_driver_rss_mib']:>8.0f} MiB "
                   f"{s['peak_workers_rss_mib']:>8.0f} MiB {s['peak_workers_pss_mib']:>8.0f} MiB {load:>11}")
     print("(ev/CPU-s: events per CPU second of driver + JVM + workers; CPU used: those CPU seconds / wall "
@@ -505,19 +535,24 @@ def print_report(manifest: dict, results: list[dict], scale: dict, load_now: lis
                       f"wall clock {other:.1f} s (clock step or VM pause); the table uses the monotonic clock")
     for run in results:
         c = run["ledger"]["clean"]
-        print(f"{run['master']}: CPU affinity {run.get('cpu_affinity', '?')}; ledger raw {c['raw']:,} = clean {c['clean']:,} + quarantined {c['quarantined']:,} "
+        name = run["master"] + (f" #{run['round']}" if run.get("rounds", 1) > 1 else "")
+        print(f"{name}: CPU affinity {run.get('cpu_affinity', '?')}; ledger raw {c['raw']:,} = clean {c['clean']:,} + quarantined {c['quarantined']:,} "
               f"+ duplicates {c['duplicates']:,}; featurize {run['ledger']['featurize']}; "
               f"session start {run['session_start_seconds']:.1f} s")
-        print(f"{run['master']}: lake commits (wall s, incl. computing what they write): " + ", ".join(
+        print(f"{name}: lake commits (wall s, incl. computing what they write): " + ", ".join(
             f"{c['stage']}/{c['table']} {c['seconds']:.1f} ({c['files']} files)" for c in run["commits"]))
     digests = {run["code"]["digest"] for run in results}
     print(f"code: {results[0]['code']['synth']} digest {', '.join(sorted(digests))}"
           + (" -- WARNING: the code changed between the runs; the ratio compares different code"
              if len(digests) > 1 else ""))
+    repeated = any(run.get("rounds", 1) > 1 for run in results)
     if scale:
-        print("local[2]/local[1] throughput: " + ", ".join(f"{k} {v:.2f}x" for k, v in scale.items()))
-    print("Targets (on tiled data):")
-    for run in results:
+        print(("local[2]/local[1] throughput, medians over the rounds: " if repeated else
+               "local[2]/local[1] throughput: ") + ", ".join(f"{k} {v:.2f}x" for k, v in scale.items()))
+        if repeated:
+            print("clean+featurize ratio of each round: " + ", ".join(f"{r:.2f}x" for r in round_ratios(results)))
+    print("Targets (on tiled data" + (", median runs):" if repeated else "):"))
+    for run in median_runs(results).values():
         got = run["together"]["events_per_s_per_core"]
         verdict = "MET" if got >= TARGET_EVENTS_PER_CORE else "NOT MET"
         print(f"  {run['master']}: clean+featurize {got:,.0f} events/s/core vs >= {TARGET_EVENTS_PER_CORE:,}: {verdict}")
@@ -539,6 +574,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="tile the sample to at least this many raw events [default: %(default)s]")
     parser.add_argument("--masters", default="local[1],local[2]",
                         help="comma-separated Spark masters, one fresh process each [default: %(default)s]")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds over the masters, alternating them (local[1], local[2], local[1], ...); "
+                             "the targets are checked on the median runs and the ratio on the medians, "
+                             "which a shared machine's passing load moves less than single runs [default: 1]")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK,
                         help="tiles cache, lakes, logs and the JSON result [default: ./work/bench]")
     parser.add_argument("--sample", type=Path, default=DEFAULT_SAMPLE,
@@ -599,7 +638,12 @@ def main(argv=None) -> int:
           f"{manifest['files']} files, {manifest['bytes'] / 2**20:.0f} MiB in {tiles} "
           + ("(cached)" if manifest["cached"] else f"(written in {manifest['seconds_to_write']:.1f} s)"))
     shuffle = args.shuffle_partitions or max(4, 2 * math.ceil(manifest["rows"] / 500_000))
-    results = [run_master(args, master, tiles, stamp, shuffle) for master in masters]
+    results = []
+    for round_ in range(1, args.repeat + 1):
+        for master in masters:
+            run = run_master(args, master, tiles, stamp, shuffle, round_)
+            run.update({"round": round_, "rounds": args.repeat})
+            results.append(run)
     figures(results)
     scale = ratios(results)
     load_end = load_average()
@@ -612,7 +656,7 @@ def main(argv=None) -> int:
         "events_per_task": args.events_per_task or None,
         "cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": load_end,
         "targets": {"events_per_s_per_core": TARGET_EVENTS_PER_CORE, "scaling_1_to_2": TARGET_SCALING},
-        "runs": results, "ratio_2_over_1": scale,
+        "runs": results, "ratio_2_over_1": scale, "ratio_2_over_1_by_round": round_ratios(results),
     }, indent=2, default=str))
     print(f"figures written to {out}")
     return 0
