@@ -39,7 +39,7 @@ def hash64(values, distinct: bool = False) -> "np.ndarray":
 
 def _fnv1a(strings) -> "np.ndarray":
     """FNV-1a of each string of a string array without nulls. Strings of one length are hashed as the
-    columns of one byte matrix: a vectorized step per byte position, over contiguous rows (a third
+    columns of one byte matrix: a vectorized step per byte position, over contiguous rows (about 30%
     faster than stepping all strings by position through index arrays)."""
     import numpy as np
     import pyarrow as pa
