@@ -32,7 +32,7 @@ def hash64(values, distinct: bool = False) -> "np.ndarray":
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks() if values.num_chunks else pa.array([], pa.string())
     if distinct:
-        return mix64(_fnv1a(values.cast(pa.string())))
+        return mix64(_fnv1a(values))
     encoded = pc.dictionary_encode(pc.fill_null(values.cast(pa.string()), ""))
     return mix64(_fnv1a(encoded.dictionary))[encoded.indices.to_numpy(zero_copy_only=False)]
 

@@ -13,9 +13,9 @@ rebuilt alone comes out exactly as a full rebuild would make it.
 The stage is one pass in Arrow over the raw rows (synth._arrow), in two halves. Each map task checks
 its share of the raw rows (`checked`) and sends every row, with its verdict, to the bucket of its
 user: a range of the user pseudonyms, so that each bucket's events files hold a user_id range of
-their own, which featurize reads as groups of users. Each bucket then quarantines the rejected rows and every row of a bot-like user's date
-(`bot_peaks`), drops exact duplicates, cuts sessions and pseudonymizes (`deduplicated_sessions`), and
-writes both tables' Parquet files; the driver commits quarantine, checks the row accounting and the
+their own, which featurize reads as groups of users. Each bucket then quarantines the rejected rows
+and every row of a bot-like user's date (`bot_peaks`), drops exact duplicates, cuts sessions and
+pseudonymizes (`deduplicated_sessions`), and writes both tables' Parquet files; the driver commits quarantine, checks the row accounting and the
 quarantine threshold, then commits events, or deletes their files when a check fails.
 """
 from __future__ import annotations

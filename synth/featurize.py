@@ -616,13 +616,13 @@ def item_lookup(parts) -> bytes:
     import numpy as np
 
     ids = _arrow.from_ipc(parts)
-    if ids is not None and ids.num_rows and ids.column("item_number").null_count == 0:
+    if ids is None:
+        return _arrow.to_ipc(pa.table({"item_id": pa.array([], pa.string()), "item_idx": pa.array([], pa.int32())}))
+    if ids.num_rows and ids.column("item_number").null_count == 0:
         numbers = ids.column("item_number").combine_chunks()
         order = pa.array(np.argsort(numbers.to_numpy(), kind="stable"))
         return _arrow.to_ipc(pa.table({"item_number": numbers.take(order),
                                        "item_idx": ids.column("item_idx").combine_chunks().take(order)}))
-    if ids is None:
-        return _arrow.to_ipc(pa.table({"item_id": pa.array([], pa.string()), "item_idx": pa.array([], pa.int32())}))
     return _arrow.to_ipc(ids.select(["item_id", "item_idx"]))
 
 
