@@ -460,22 +460,24 @@ def figures(results: list[dict]) -> None:
         }
 
 
-def median_runs(results: list[dict]) -> dict[int, dict]:
-    """Per core count, the run with the median clean+featurize throughput (the lower middle one of an
-    even count): with --repeat, what the targets are checked on."""
+def _by_cores(results: list[dict]) -> dict[int, list[dict]]:
     by_cores: dict[int, list] = {}
     for run in results:
         by_cores.setdefault(run["cores"], []).append(run)
+    return by_cores
+
+
+def median_runs(results: list[dict]) -> dict[int, dict]:
+    """Per core count, the run with the median clean+featurize throughput (the lower middle one of an
+    even count): with --repeat, what the targets are checked on."""
     return {cores: sorted(runs, key=lambda r: r["together"]["events_per_s"])[(len(runs) - 1) // 2]
-            for cores, runs in by_cores.items()}
+            for cores, runs in _by_cores(results).items()}
 
 
 def ratios(results: list[dict]) -> dict:
     """local[2] over local[1] throughput, per stage and together, of the median runs (with --repeat:
     medians of each stage over the rounds)."""
-    by_cores: dict[int, list] = {}
-    for run in results:
-        by_cores.setdefault(run["cores"], []).append(run)
+    by_cores = _by_cores(results)
     if 1 not in by_cores or 2 not in by_cores:
         return {}
 
