@@ -55,3 +55,51 @@ def test_empty_write_creates_a_readable_table(spark, lake):
 def test_reading_a_missing_table_names_the_stage(lake):
     with pytest.raises(FileNotFoundError, match="run the featurize stage"):
         lake.read("sessions")
+
+
+def test_files_are_laid_out_as_the_contract_says(lake):
+    """user_profiles: no dictionary and no Snappy for the hashed user_id, no dictionary for the unique
+    times, none of either changed for the rest; no statistics for the map column, whose leaves no
+    reader prunes by."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = lake.arrow_writer("user_profiles")
+    n = 1000
+    rows = pa.table({
+        "user_id": [f"u_{i:032x}" for i in range(n)], "n_sessions": [1] * n, "n_events": [2] * n, "n_views": [2] * n,
+        "n_carts": [0] * n, "n_purchases": [0] * n, "n_searches": [0] * n, "monetary": [0.0] * n,
+        "first_seen": pa.array(range(n), pa.timestamp("us", "UTC")), "last_seen": pa.array(range(n), pa.timestamp("us", "UTC")),
+        "recency_days": [float(i) for i in range(n)], "top_category": ["c1"] * n,
+        "category_affinity": pa.array([[("c1", 1.0)]] * n, pa.map_(pa.string(), pa.float64()))})
+    adds = writer([rows])
+    lake.commit_files(writer, adds, app_id="featurize:layout")
+    metadata = pq.ParquetFile(f"{lake._local_path('user_profiles')}/{adds[0]['path']}").metadata
+    chunks = {metadata.row_group(0).column(i).path_in_schema: metadata.row_group(0).column(i)
+              for i in range(metadata.num_columns)}
+
+    def dictionary(path):
+        return any("DICTIONARY" in e for e in chunks[path].encodings)
+
+    assert chunks["user_id"].compression == "UNCOMPRESSED" and not dictionary("user_id")
+    assert not dictionary("first_seen") and not dictionary("recency_days")
+    assert chunks["top_category"].compression == "SNAPPY" and dictionary("top_category")
+    assert dictionary("n_sessions") and chunks["first_seen"].compression == "SNAPPY"
+    assert chunks["user_id"].is_stats_set and chunks["first_seen"].is_stats_set
+    assert not chunks["category_affinity.key_value.key"].is_stats_set
+    assert chunks["category_affinity.key_value.value"].compression == "SNAPPY"
+    assert lake.read("user_profiles").df.count() == n
+
+
+def test_a_contract_names_only_its_own_columns_for_the_parquet_layout(tmp_path, monkeypatch):
+    import schemas
+
+    (tmp_path / "bad.yaml").write_text(
+        "table: bad\ncolumns:\n  - {name: a, type: string}\nparquet: {plain: [b]}\n")
+    monkeypatch.setattr(schemas.resources, "files", lambda _: tmp_path)
+    schemas.contract.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="parquet plain columns"):
+            schemas.contract("bad")
+    finally:
+        schemas.contract.cache_clear()
