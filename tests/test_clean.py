@@ -201,7 +201,7 @@ def test_duplicates_are_dropped_and_long_sessions_capped_in_one_pass():
         "price": [1.0] * len(rows), "source_file": [r[5] for r in rows],
         "event_date": pa.array([r[0].date() for r in rows], pa.date32())})
     user_hi, user_lo = clean._user_digests(b"k", table.column("user_id"))
-    table = table.append_column("user_hi", pa.array(user_hi)).append_column("user_lo", pa.array(user_lo))
+    table = table.drop(["user_id"]).append_column("user_hi", pa.array(user_hi)).append_column("user_lo", pa.array(user_lo))
     events = clean.deduplicated_sessions(table, gap_seconds=30 * 60, max_session_events=2, key=b"k").to_pylist()
     assert len(events) == 6
     assert next(r for r in events if r["item_id"] == "b")["source_file"] == "f1"
