@@ -46,6 +46,18 @@ def _configured(key: str) -> bool:
     return SparkConf().contains(key)
 
 
+def _start_driver_jvm(cfg: Config) -> None:
+    """Start the driver's JVM with the options only its launch can take: driver memory and Java
+    options. It must start before anything asks Spark's configuration (_configured does), or it starts
+    without them, with a 1 GB heap. spark-submit arguments in PYSPARK_SUBMIT_ARGS come later on the
+    launch command and win."""
+    if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ:
+        return
+    launch = SparkConf(loadDefaults=False).set("spark.driver.memory", cfg.spark.driver_memory)
+    launch.set("spark.driver.extraJavaOptions", JIT_HUGE_METHODS)
+    SparkContext._ensure_initialized(conf=launch)
+
+
 def build_session(cfg: Config) -> SparkSession:
     """Return the active SparkSession (spark-submit) or start one for `cfg.spark.master`.
 
@@ -54,6 +66,7 @@ def build_session(cfg: Config) -> SparkSession:
     """
     # Python workers would otherwise start `python3` from PATH, which lacks the virtualenv's packages.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    _start_driver_jvm(cfg)
     builder = (
         SparkSession.builder.appName(cfg.spark.app_name)
         .config("spark.sql.session.timeZone", "UTC")
@@ -67,12 +80,11 @@ def build_session(cfg: Config) -> SparkSession:
     # spark-submit starts Python with a gateway to its JVM; its --master, resources and Java options
     # then win (deploy/submit-cluster.sh passes the JIT option below itself).
     if "PYSPARK_GATEWAY_PORT" not in os.environ:
-        builder = builder.master(cfg.spark.master).config("spark.driver.memory", cfg.spark.driver_memory)
+        builder = builder.master(cfg.spark.master)
         # The clean stage's row checks generate Java methods above the JVM's 8,000-byte JIT limit, which
         # then run interpreted: parsing the raw lines took twice as long (5.1 s against 2.4 s for 505k
-        # rows on one core).
-        for key in ("spark.driver.extraJavaOptions", "spark.executor.extraJavaOptions"):
-            builder = builder.config(key, JIT_HUGE_METHODS)
+        # rows on one core). The driver's JVM got the option at its launch; executors get it here.
+        builder = builder.config("spark.executor.extraJavaOptions", JIT_HUGE_METHODS)
         if cfg.spark.master.startswith("local") and not _configured("spark.shuffle.compress"):
             # Local shuffle files never cross a network, and the Arrow stages' shuffle payloads are
             # LZ4-compressed IPC already: compressing them again cost 5-8% of clean + featurize at 5M

@@ -47,6 +47,17 @@ def test_worker_memory_reaches_the_python_workers(spark):
         worker_env(config.load(overrides={"spark.worker_memory": "recycle"}))
 
 
+def test_the_driver_jvm_starts_with_the_configured_memory_and_java_options(spark):
+    """Both can only be given when the JVM launches, which the first question about Spark's
+    configuration used to do without them (a 1 GB heap whatever spark.driver_memory said)."""
+    from synth.spark import JIT_HUGE_METHODS
+
+    arguments = list(spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
+    driver_memory = config.load().spark.driver_memory
+    assert f"-Xmx{driver_memory}" in arguments
+    assert JIT_HUGE_METHODS in arguments
+
+
 def test_local_sessions_leave_shuffle_files_uncompressed(spark):
     # The Arrow stages' shuffle payloads are LZ4-compressed already; local shuffle files cross no network.
     assert spark.sparkContext.getConf().get("spark.shuffle.compress") == "false"
