@@ -133,7 +133,9 @@ def build_parser(prog: str, description: str, stage_choices: tuple[str, ...] = (
         group = parser.add_argument_group(section)
         for key, default in keys.items():
             group.add_argument(f"--{section}.{key}", dest=f"{section}.{key}", metavar="VALUE",
-                               default=None, help=f"{helps.get(f'{section}.{key}', '')} [default: {default}]")
+                               default=None,
+                               # argparse formats help with %: a literal one (a share, "5%") is doubled.
+                               help=f"{helps.get(f'{section}.{key}', '')} [default: {default}]".replace("%", "%%"))
     parser.set_defaults(**{"run.id": None, "spark.master": None})
     return parser
 
