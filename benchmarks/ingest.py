@@ -312,6 +312,8 @@ def child_main(args: argparse.Namespace) -> int:
     }
     if args.events_per_task:
         overrides["spark.events_per_task"] = args.events_per_task
+    if args.driver_java_options:
+        overrides["spark.driver_java_options"] = args.driver_java_options
     cfg = config.load(overrides=overrides)
     setup_logging()
     me = os.getpid()
@@ -366,6 +368,8 @@ def run_master(args, master: str, tiles: Path, stamp: str, shuffle_partitions: i
                "--input", str(tiles), "--lake", str(lake), "--result", str(result_path),
                "--shuffle-partitions", str(shuffle_partitions), "--driver-memory", args.driver_memory,
                "--events-per-task", str(args.events_per_task)]
+    if args.driver_java_options:
+        command.append(f"--driver-java-options={args.driver_java_options}")
     if args.pin:
         available = sorted(os.sched_getaffinity(0))
         if cores_of(master) > len(available):
@@ -589,6 +593,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--shuffle-partitions", type=int, default=0,
                         help="spark.shuffle_partitions (0 = one per ~250k events, even, at least 4)")
     parser.add_argument("--driver-memory", default="4g", help="spark.driver_memory [default: %(default)s]")
+    parser.add_argument("--driver-java-options", default=None,
+                        help="spark.driver_java_options, e.g. '-XX:-DontCompileHugeMethods -XX:TieredStopAtLevel=1' "
+                             "(pass it as --driver-java-options=...) [default: the pipeline's]")
     parser.add_argument("--events-per-task", type=int, default=0,
                         help="spark.events_per_task, events per task of the Arrow steps (0 = the pipeline's default)")
     parser.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
@@ -654,7 +661,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "ingest", "tiled": True, "timestamp": stamp, "data": manifest,
-        "shuffle_partitions": shuffle, "driver_memory": args.driver_memory, "conf": args.conf,
+        "shuffle_partitions": shuffle, "driver_memory": args.driver_memory,
+        "driver_java_options": args.driver_java_options, "conf": args.conf,
         "events_per_task": args.events_per_task or None,
         "cpus": os.cpu_count(), "load_average_start": load_start, "load_average_end": load_end,
         "targets": {"events_per_s_per_core": TARGET_EVENTS_PER_CORE, "scaling_1_to_2": TARGET_SCALING},

@@ -54,7 +54,7 @@ def _start_driver_jvm(cfg: Config) -> None:
     if SparkContext._gateway is not None or "PYSPARK_GATEWAY_PORT" in os.environ:
         return
     launch = SparkConf(loadDefaults=False).set("spark.driver.memory", cfg.spark.driver_memory)
-    launch.set("spark.driver.extraJavaOptions", JIT_HUGE_METHODS)
+    launch.set("spark.driver.extraJavaOptions", cfg.spark.driver_java_options)
     SparkContext._ensure_initialized(conf=launch)
 
 
@@ -83,7 +83,7 @@ def build_session(cfg: Config) -> SparkSession:
         builder = builder.master(cfg.spark.master)
         # The clean stage's row checks generate Java methods above the JVM's 8,000-byte JIT limit, which
         # then run interpreted: parsing the raw lines took twice as long (5.1 s against 2.4 s for 505k
-        # rows on one core). The driver's JVM got the option at its launch; executors get it here.
+        # rows on one core). The driver's JVM got its options at its launch (spark.driver_java_options).
         builder = builder.config("spark.executor.extraJavaOptions", JIT_HUGE_METHODS)
         if cfg.spark.master.startswith("local") and not _configured("spark.shuffle.compress"):
             # Local shuffle files never cross a network, and the Arrow stages' shuffle payloads are

@@ -65,9 +65,9 @@ def test_the_driver_jvm_starts_with_the_configured_memory_and_java_options(spark
     from synth.spark import JIT_HUGE_METHODS
 
     arguments = list(spark.sparkContext._jvm.java.lang.management.ManagementFactory.getRuntimeMXBean().getInputArguments())
-    driver_memory = config.load().spark.driver_memory
-    assert f"-Xmx{driver_memory}" in arguments
-    assert JIT_HUGE_METHODS in arguments
+    defaults = config.load().spark
+    assert f"-Xmx{defaults.driver_memory}" in arguments
+    assert defaults.driver_java_options == JIT_HUGE_METHODS and JIT_HUGE_METHODS in arguments
 
 
 def test_local_sessions_leave_shuffle_files_uncompressed(spark):
