@@ -37,7 +37,7 @@ from pyspark.sql import functions as F
 
 from synth import _arrow, _csv
 from synth.simulate import simulate
-from synth.sources import InputFile, list_input_files, read_source
+from synth.sources import InputFile, Listing, list_input_files, read_source
 
 log = logging.getLogger(__name__)
 
@@ -527,9 +527,9 @@ def _file_dates(stats: list) -> dict[str, tuple[list[dt.date], int]]:
     return {path: (sorted(dates[path]), rows[path]) for path in dates}
 
 
-def _event_dates(spark, cfg, files: set[str]) -> list:
+def _event_dates(spark, cfg, files: set[str], listing: Listing) -> list:
     """(source_file, True, date, rows) of `files`' raw rows: the dates they would give events of."""
-    raw = read_source(spark, cfg, files=files)
+    raw = read_source(spark, cfg, files=files, listing=listing)
     if raw.rows is not None:
         counted = raw.rows.groupBy(
             "source_file", F.when(_plausible(F.col("event_time"), cfg), F.to_date("event_time")).alias("date")).count()
@@ -559,9 +559,9 @@ def _listed(path: str) -> str:
     return "file://" + path[len("file:"):] if path.startswith("file:/") and not path.startswith("file://") else path
 
 
-def _plan(ctx, key: bytes) -> _Plan:
+def _plan(ctx, key: bytes, listing: Listing) -> _Plan:
     cfg, spark, lake = ctx.cfg, ctx.spark, ctx.lake
-    plan = _Plan(list_input_files(spark, cfg), _fingerprint(cfg, key))
+    plan = _Plan(list_input_files(spark, cfg, listing), _fingerprint(cfg, key))
     if ctx.force or not cfg.clean.incremental:
         plan.why = "full rebuild (--force)" if ctx.force else "full rebuild (clean.incremental is false)"
         return plan
@@ -590,7 +590,7 @@ def _plan(ctx, key: bytes) -> _Plan:
     # The dates the changed files feed now, and those they (or the removed files) fed before.
     dates = {d for r in previous if r.path not in present or r.path in files for d in r.event_dates}
     if files:
-        dates |= {d for file_dates, _ in _file_dates(_event_dates(spark, cfg, files)).values() for d in file_dates}
+        dates |= {d for file_dates, _ in _file_dates(_event_dates(spark, cfg, files, listing)).values() for d in file_dates}
     # Unchanged files holding events of an affected date are read again, and their other dates then
     # count as affected too, until the set is closed.
     unchanged = [r for r in previous if r.path in present and r.path not in files and r.role == "feed"]
@@ -632,7 +632,8 @@ def run(ctx) -> dict[str, int]:
     if cfg.input.source == "simulator" and not any(raw_path.rglob("*.csv*")):
         simulate(spark, cfg, str(raw_path))
     key = pseudonym_key(cfg)
-    plan = _plan(ctx, key)
+    listing = Listing(spark)
+    plan = _plan(ctx, key, listing)
     log.info("clean: %s", plan.why)
     ctx.artifacts["mode"] = plan.why
     if not plan.full:
@@ -641,7 +642,7 @@ def run(ctx) -> dict[str, int]:
         print("clean: no new, changed or removed input files; nothing to do")
         return {"raw": 0, "clean": 0, "quarantined": 0, "duplicates": 0, "files_read": 0}
 
-    raw = read_source(spark, cfg, files=plan.files)
+    raw = read_source(spark, cfg, files=plan.files, listing=listing)
     if raw.extra_columns:
         log.warning("clean: ignoring source columns %s (not mapped to any event field)", raw.extra_columns)
         ctx.artifacts["ignored_source_columns"] = ",".join(raw.extra_columns)

@@ -337,8 +337,9 @@ def _spark_and_arrow_rows(spark, cfg):
         spark_rows += rows.collect()
         for r in skipped.groupBy("kind").count().collect():
             spark_skipped[r.kind] = spark_skipped.get(r.kind, 0) + r["count"]
-        files = sources._list_files(spark, limits.path, feed.files)
-        csv_feed, pieces, _, _ = sources._arrow_feed(spark, feed, files, limits, None, None)
+        listing = sources.Listing(spark)
+        files = listing.files(limits.path, feed.files)
+        csv_feed, pieces, _, _ = sources._arrow_feed(spark, listing, feed, files, limits, None, None)
         arrow_raw.append((csv_feed, pieces))
     raw = _as_dataframes(spark, sources.RawInput(None, None, tasks=sources._arrow_tasks(spark, arrow_raw)))
     arrow_skipped = {r.kind: r["count"] for r in raw.skipped.groupBy("kind").count().collect()}
