@@ -355,15 +355,15 @@ def bot_peaks(valid, limit: int):
     import numpy as np
     import pyarrow.compute as pc
 
-    user = ["user_hi", "user_lo", "event_date"]
+    user_date = ["user_hi", "user_lo", "event_date"]
     hour = pc.divide(valid.column("event_time").cast(pa.int64()), 3_600_000_000)
-    hours = valid.select(user).append_column("hour", hour).group_by([*user, "hour"]).aggregate([([], "count_all")])
+    hours = valid.select(user_date).append_column("hour", hour).group_by([*user_date, "hour"]).aggregate([([], "count_all")])
     busy = hours.filter(pc.greater(hours.column("count_all"), limit))
     if not busy.num_rows:
         return pa.nulls(valid.num_rows, pa.int64())
-    peaks = busy.group_by(user).aggregate([("count_all", "max")])
-    position = valid.select(user).append_column("row", pa.array(np.arange(valid.num_rows, dtype=np.int64)))
-    joined = position.join(peaks, user, join_type="inner")
+    peaks = busy.group_by(user_date).aggregate([("count_all", "max")])
+    position = valid.select(user_date).append_column("row", pa.array(np.arange(valid.num_rows, dtype=np.int64)))
+    joined = position.join(peaks, user_date, join_type="inner")
     peak = np.zeros(valid.num_rows, np.int64)
     peak[joined.column("row").to_numpy()] = joined.column("count_all_max").to_numpy()
     return pa.array(peak, mask=peak == 0)
